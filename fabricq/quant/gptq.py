@@ -1,0 +1,218 @@
+"""GPTQ (Frantar et al., 2022) and round-to-nearest, as pure functions of a weight and a Hessian.
+
+Read top to bottom: `gptq_quantize` permutes columns (act-order), inverts the damped Hessian
+through Cholesky factors, then walks the columns in blocks, quantizing one column at a time and
+spreading its error over the columns not yet quantized. `rtn_quantize` is the baseline on the
+same grid. Both return a `QuantizedWeight` in the original column order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from fabricq.quant.grid import (
+    QuantScheme,
+    compute_qparams,
+    dequantize_codes,
+    expand_groups,
+    quantize_codes,
+)
+
+
+@dataclass
+class QuantizedWeight:
+    """One Linear module's weight after quantization, in original column order.
+
+    codes: int8 (rows, columns) on [qmin, qmax]; scale: float32 (rows, groups), already rounded
+    to the dtype it is stored in; zero: float32 (rows, groups) integer-valued (all zero when
+    symmetric); g_idx: int32 (columns,) group of each column.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    scheme: QuantScheme
+    info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(
+            self.codes, expand_groups(self.scale, self.g_idx), expand_groups(self.zero, self.g_idx)
+        )
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    pass
+
+
+def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the output error GPTQ minimises, in float64."""
+    err = (weight.double() - dequantized.double())
+    return float(((err @ hessian.double()) * err).sum())
+
+
+def _contiguous_group_index(columns: int, group_size: int) -> torch.Tensor:
+    if group_size == -1:
+        return torch.zeros(columns, dtype=torch.int32)
+    return torch.arange(columns, dtype=torch.int32) // group_size
+
+
+def _group_params_upfront(w: torch.Tensor, scheme: QuantScheme, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale/zero from `w` as it is, groups contiguous in its column order."""
+    columns = w.shape[1]
+    size = columns if scheme.group_size == -1 else scheme.group_size
+    pairs = [compute_qparams(w[:, c : c + size], scheme, scale_dtype) for c in range(0, columns, size)]
+    return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+
+def rtn_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype=torch.float32) -> QuantizedWeight:
+    """Round each weight to the nearest grid point (groups contiguous, min-max params)."""
+    w = weight.float()
+    scale, zero = _group_params_upfront(w, scheme, scale_dtype)
+    g_idx = _contiguous_group_index(w.shape[1], scheme.group_size)
+    codes = quantize_codes(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), scheme)
+    return QuantizedWeight(codes.to(torch.int8), scale, zero, g_idx, scheme, {"method": "rtn"})
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)^-1, λ = damp · mean(diag H).
+
+    Row i of U, scaled by 1/U[i, i], is how quantizing column i should update the columns after
+    it (the GPTQ update rule expressed through Cholesky, which is numerically stable).
+    """
+    h = hessian.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        raise HessianNotPositiveDefinite(f"Cholesky of the damped Hessian failed (damp={damp})")
+    inverse = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        raise HessianNotPositiveDefinite(f"Cholesky of the inverse Hessian failed (damp={damp})")
+    return upper
+
+
+def _block_boundaries(columns: int, block_size: int, group_starts: list[int]) -> list[int]:
+    """Block edges every `block_size` columns, plus every group start, so that a group's scale
+    is always computed at a block start, where the weights hold every update so far."""
+    edges = set(range(0, columns, block_size)) | set(group_starts) | {columns}
+    return sorted(e for e in edges if 0 <= e <= columns)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    max_damp: float = 10.0,
+    scale_dtype: torch.dtype = torch.float32,
+    name: str = "module",
+) -> QuantizedWeight:
+    """Quantize `weight` (rows, columns) minimising tr((W-Q) H (W-Q)^T) column by column.
+
+    `hessian` is the (columns, columns) mean of x·xᵀ over calibration inputs. If the damped
+    Hessian is not positive definite, damping grows tenfold up to `max_damp`; past that the
+    module falls back to round-to-nearest with a warning naming it.
+    """
+    rows, columns = weight.shape
+    w = weight.float().clone()
+    h = hessian.to(dtype=torch.float32, device=w.device).clone()
+
+    # Columns that never saw a non-zero input cannot affect the output: zero them.
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    if scheme.actorder == "none":
+        perm = torch.arange(columns, device=w.device)
+    else:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    static_params = None
+    if scheme.actorder == "static":
+        # Groups stay contiguous in the original order, so their scales are fixed up front.
+        static_params = _group_params_upfront(w, scheme, scale_dtype)
+        orig_g_idx = _contiguous_group_index(columns, scheme.group_size).to(w.device)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    used_damp = damp
+    while True:
+        try:
+            upper = inverse_hessian_factor(h, used_damp)
+            break
+        except HessianNotPositiveDefinite:
+            used_damp *= 10
+            if used_damp > max_damp:
+                warnings.warn(
+                    f"{name}: Hessian is not positive definite even with damp={used_damp / 10:g}; "
+                    "falling back to round-to-nearest for this module",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                result = rtn_quantize(weight.float().masked_fill(dead, 0.0), scheme, scale_dtype)
+                result.info.update(method="rtn_fallback", damp=None)
+                return result
+
+    size = columns if scheme.group_size == -1 else scheme.group_size
+    if scheme.actorder == "static":
+        group_starts = []
+        col_scale = expand_groups(static_params[0], orig_g_idx[perm])
+        col_zero = expand_groups(static_params[1], orig_g_idx[perm])
+    else:
+        group_starts = list(range(0, columns, size))
+        col_scale = torch.empty_like(w)
+        col_zero = torch.empty_like(w)
+    group_scales, group_zeros = [], []
+
+    codes = torch.empty_like(w)
+    edges = _block_boundaries(columns, block_size, group_starts)
+    group_start_set = set(group_starts)
+    for i1, i2 in zip(edges[:-1], edges[1:]):
+        if i1 in group_start_set:
+            # Params for the group starting here, from weights carrying all updates so far.
+            scale, zero = compute_qparams(w[:, i1 : i1 + size], scheme, scale_dtype)
+            group_scales.append(scale)
+            group_zeros.append(zero)
+            end = min(i1 + size, columns)
+            col_scale[:, i1:end] = scale[:, None]
+            col_zero[:, i1:end] = zero[:, None]
+        block = w[:, i1:i2].clone()
+        errors = torch.empty_like(block)
+        u_block = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = block[:, i]
+            d = u_block[i, i]
+            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
+            q = quantize_codes(column, s, z, scheme)
+            codes[:, i1 + i] = q
+            err = (column - dequantize_codes(q, s, z)) / d
+            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
+            errors[:, i] = err
+        # Lazy batch update: the rest of the matrix learns of this block's errors at once.
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+
+    inverse_perm = torch.argsort(perm)
+    codes = codes[:, inverse_perm]
+    if scheme.actorder == "static":
+        scale, zero = static_params
+        g_idx = orig_g_idx.to(torch.int32)
+    elif scheme.actorder == "dynamic":
+        scale, zero = torch.stack(group_scales, 1), torch.stack(group_zeros, 1)
+        solve_group = _contiguous_group_index(columns, scheme.group_size).to(w.device)
+        g_idx = solve_group[inverse_perm].to(torch.int32)
+    else:
+        scale, zero = torch.stack(group_scales, 1), torch.stack(group_zeros, 1)
+        g_idx = _contiguous_group_index(columns, scheme.group_size).to(w.device)
+    return QuantizedWeight(
+        codes.to(torch.int8).cpu(),
+        scale.cpu(),
+        zero.cpu(),
+        g_idx.cpu(),
+        scheme,
+        {"method": "gptq", "damp": used_damp},
+    )
