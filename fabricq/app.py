@@ -1,0 +1,208 @@
+"""One fabricq run: validate the config, calibrate and quantize, evaluate, export, report.
+
+Thin orchestration over the other modules; every check on user input happens before the model is
+loaded, and the output directory only appears, complete, at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback
+from fabricq.calibration import CalibrationLoop
+from fabricq.data import check_text_path, prepare_text
+from fabricq.errors import FabricqError
+from fabricq.evaluate import evaluate
+from fabricq.models import (
+    DTYPES,
+    check_finite_weights,
+    check_model_files,
+    decoder_layers,
+    layer_prefix,
+    linear_modules,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from fabricq.quant.grid import ACTORDERS, SUPPORTED_BITS, QuantScheme
+
+log = logging.getLogger("fabricq")
+
+METHODS = ("gptq", "rtn")
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _positive_int(value, field: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FabricqError(f"{field} must be a positive integer, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> GPTQSettings:
+    """Check every user-facing field; return the quantization settings they describe."""
+    q = cfg.quant
+    if q.method not in METHODS:
+        raise FabricqError(f"quant.method must be one of {METHODS}, got {q.method!r}")
+    if q.bits not in SUPPORTED_BITS:
+        raise FabricqError(f"quant.bits must be one of {SUPPORTED_BITS}, got {q.bits!r}")
+    if not isinstance(q.group_size, int) or not (q.group_size == -1 or q.group_size > 0):
+        raise FabricqError(f"quant.group_size must be a positive integer or -1 (per-channel), got {q.group_size!r}")
+    if q.actorder not in ACTORDERS:
+        raise FabricqError(f"quant.actorder must be one of {ACTORDERS}, got {q.actorder!r}")
+    if not isinstance(q.damp, (int, float)) or not q.damp > 0:
+        raise FabricqError(f"quant.damp must be a positive number, got {q.damp!r}")
+    _positive_int(q.block_size, "quant.block_size")
+    if q.hessian_dtype not in HESSIAN_DTYPES:
+        raise FabricqError(f"quant.hessian_dtype must be one of {sorted(HESSIAN_DTYPES)}, got {q.hessian_dtype!r}")
+    for name in ("num_samples", "seq_len", "batch_size"):
+        _positive_int(cfg.data[name], f"data.{name}")
+    if cfg.eval.enabled and cfg.eval.path is None and not 0 < cfg.data.eval_fraction < 1:
+        raise FabricqError(f"data.eval_fraction must be between 0 and 1, got {cfg.data.eval_fraction!r}")
+    _positive_int(cfg.eval.seq_len, "eval.seq_len")
+    if cfg.eval.max_windows is not None:
+        _positive_int(cfg.eval.max_windows, "eval.max_windows")
+    if cfg.model.dtype != "auto" and cfg.model.dtype not in DTYPES:
+        raise FabricqError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
+    check_text_path(cfg.data.path, "data.path")
+    check_text_path(cfg.eval.path, "eval.path")
+    if cfg.export.format != "compressed-tensors":
+        raise FabricqError(f"export.format must be compressed-tensors, got {cfg.export.format!r}")
+    if cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1:
+        raise FabricqError("this version runs on one device: set trainer.devices=1 trainer.num_nodes=1")
+    return GPTQSettings(
+        method=q.method,
+        scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
+        damp=float(q.damp),
+        block_size=q.block_size,
+        hessian_dtype=HESSIAN_DTYPES[q.hessian_dtype],
+        ignore=tuple(q.ignore),
+    )
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FabricqError(f"output_dir is a file, not a directory: {path}")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FabricqError(
+            f"output_dir {path} exists and is not empty: choose another directory or pass overwrite=true"
+        )
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move a finished staging directory into place, replacing `final` only now."""
+    if final.exists():
+        if final.is_dir() and any(final.iterdir()):
+            shutil.rmtree(final)
+        else:
+            final.rmdir()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict:
+    """Quantize the configured model and write checkpoint + report.json into `output_dir`."""
+    from lightning.fabric import Fabric
+
+    from fabricq.export import save_compressed_checkpoint
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    settings = validate_config(cfg)
+    check_output_dir(output_dir, cfg.overwrite)
+    source = resolve_model_source(cfg.model.path)
+    model_config = check_model_files(source)
+    max_positions = model_config.get("max_position_embeddings")
+    if max_positions and cfg.eval.seq_len > max_positions:
+        raise FabricqError(f"eval.seq_len={cfg.eval.seq_len} exceeds the model's context length {max_positions}")
+    if max_positions and cfg.data.seq_len > max_positions:
+        raise FabricqError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context length {max_positions}")
+
+    fabric = Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+    )
+    fabric.launch()
+    torch.manual_seed(cfg.seed)
+
+    tick = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    text = prepare_text(tokenizer, cfg.data, cfg.eval)
+    model = load_model(source, cfg.model.dtype)
+    layers = decoder_layers(model)
+    prefix = layer_prefix(model, layers)
+    targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
+    check_finite_weights(model, targets)
+    timings["load_s"] = time.perf_counter() - tick
+    log.info(
+        "Model %s: %d decoder layers, %d Linear modules; calibration %d × %d tokens",
+        source.name, len(layers), len(targets), *text.calibration.shape,
+    )
+
+    report: dict = {}
+    reference = None
+    if cfg.eval.enabled:
+        tick = time.perf_counter()
+        model.to(fabric.device)
+        before = evaluate(model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows)
+        model.to("cpu")
+        reference = before.pop("logprobs")
+        report["ppl_before"] = before["ppl"]
+        report["eval_tokens"] = before["tokens"]
+        timings["eval_before_s"] = time.perf_counter() - tick
+        log.info("Perplexity before: %.3f (%d tokens)", before["ppl"], before["tokens"])
+
+    tick = time.perf_counter()
+    gptq = GPTQCallback(settings)
+    loop = CalibrationLoop(
+        model, text.calibration, device=fabric.device, batch_size=cfg.data.batch_size,
+        callbacks=[gptq, ProgressCallback()],
+    )
+    loop.run()
+    timings["quantize_s"] = time.perf_counter() - tick
+
+    if cfg.eval.enabled:
+        tick = time.perf_counter()
+        model.to(fabric.device)
+        after = evaluate(model, text.evaluation, fabric.device, reference=reference)
+        model.to("cpu")
+        report["ppl_after"] = after["ppl"]
+        report["kl_after"] = after["kl"]
+        timings["eval_after_s"] = time.perf_counter() - tick
+        log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
+
+    tick = time.perf_counter()
+    staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_compressed_checkpoint(model, gptq.quantized, staging, tokenizer)
+    timings["export_s"] = time.perf_counter() - tick
+
+    report.update(
+        model=source.name,
+        method=settings.method,
+        scheme=OmegaConf.to_container(cfg.quant, resolve=True),
+        calibration={"samples": int(text.calibration.shape[0]), "seq_len": int(text.calibration.shape[1])},
+        wall_s=time.perf_counter() - start,
+        peak_rss_mib=peak_rss_mib(),
+        timings=timings,
+        modules=gptq.stats,
+    )
+    (staging / "report.json").write_text(json.dumps(report, indent=2))
+    (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    publish(staging, output_dir)
+    log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", output_dir, report["wall_s"], report["peak_rss_mib"])
+    return report

@@ -1,0 +1,179 @@
+"""Callbacks on the calibration loop: GPTQ (or round-to-nearest) quantization and progress."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fabricq.calibration import Callback, CalibrationLoop
+from fabricq.models import linear_modules
+from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objective, rtn_quantize
+from fabricq.quant.grid import QuantScheme, effective_group_size
+from fabricq.quant.hessian import HessianAccumulator
+
+log = logging.getLogger("fabricq")
+
+
+class SharedInputHessians:
+    """One Hessian per distinct input of a layer's Linear modules.
+
+    q/k/v (and gate/up) read the very same tensor, so they share one accumulator: which modules
+    share is learnt from the first batch (same tensor object → same group), for any architecture.
+    References to the batch's inputs are held until `end_batch` so a freed tensor's id cannot be
+    reused by a different input within the batch.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype):
+        self.modules = modules
+        self.dtype = dtype
+        self.leader: dict[str, str] = {}  # module → module whose accumulator it uses
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._grouped = False
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def observe(module, args):
+            x = args[0]
+            if not self._grouped:
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[1] is x:
+                    self.leader[name] = seen[0]
+                    return
+                self._seen[id(x)] = (name, x)
+                self.leader[name] = name
+                self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
+            elif self.leader[name] != name:
+                return
+            self.accumulators[name].add(x)
+
+        return observe
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+        self._grouped = True
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.accumulators[self.leader[name]].mean()
+
+    def groups(self) -> list[list[str]]:
+        out: dict[str, list[str]] = {}
+        for name in self.modules:
+            out.setdefault(self.leader[name], []).append(name)
+        return list(out.values())
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class GPTQSettings:
+    method: str = "gptq"  # "gptq" or "rtn"
+    scheme: QuantScheme = QuantScheme()
+    damp: float = 0.01
+    block_size: int = 128
+    hessian_dtype: torch.dtype = torch.float32
+    ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
+
+
+class GPTQCallback(Callback):
+    """Quantizes every Linear of each decoder layer at the end of its calibration pass.
+
+    Results: `quantized` (module name → QuantizedWeight) and `stats` (per-module objective of
+    GPTQ and of round-to-nearest on the same Hessian, seconds, damping, effective group size).
+    """
+
+    def __init__(self, settings: GPTQSettings):
+        self.settings = settings
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.stats: dict[str, dict] = {}
+        self._targets: dict[str, nn.Linear] = {}
+        self._hessians: SharedInputHessians | None = None
+
+    def targets(self, loop: CalibrationLoop, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
+        ignore = [re.compile(p) for p in self.settings.ignore]
+        modules = linear_modules(layer, loop.layer_name(index))
+        return {n: m for n, m in modules.items() if not any(p.search(n) for p in ignore)}
+
+    def scheme_for(self, module: nn.Linear) -> QuantScheme:
+        base = self.settings.scheme
+        return replace(base, group_size=effective_group_size(base.group_size, module.in_features))
+
+    def on_layer_start(self, loop, index, layer):
+        self._targets = self.targets(loop, index, layer)
+        if self.settings.method == "gptq":
+            self._hessians = SharedInputHessians(self._targets, self.settings.hessian_dtype)
+
+    def on_batch_end(self, loop, index, batch):
+        if self._hessians is not None:
+            self._hessians.end_batch()
+
+    def on_layer_end(self, loop, index, layer) -> bool:
+        hessians = self._hessians
+        if hessians is not None:
+            hessians.remove()
+        for name, module in self._targets.items():
+            self.quantize_module(name, module, hessians)
+        self._hessians = None
+        return bool(self._targets)
+
+    def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:
+        start = time.perf_counter()
+        weight = module.weight.data
+        scheme = self.scheme_for(module)
+        scale_dtype = weight.dtype
+        if hessians is None:
+            result = rtn_quantize(weight, scheme, scale_dtype)
+            stats = {}
+        else:
+            h = hessians.hessian(name)
+            result = gptq_quantize(
+                weight, h, scheme,
+                block_size=self.settings.block_size, damp=self.settings.damp,
+                scale_dtype=scale_dtype, name=name,
+            )
+            dequantized = result.dequantize().to(weight.device)
+            rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
+            stats = {
+                "loss": layer_objective(weight, dequantized, h),
+                "rtn_loss": layer_objective(weight, rtn, h),
+                "tokens": hessians.accumulators[hessians.leader[name]].tokens,
+            }
+        module.weight.data = result.dequantize().to(device=weight.device, dtype=weight.dtype)
+        self.quantized[name] = result
+        self.stats[name] = {
+            **stats,
+            "method": result.info.get("method"),
+            "damp": result.info.get("damp"),
+            "group_size": scheme.group_size,
+            "seconds": round(time.perf_counter() - start, 4),
+        }
+
+
+class ProgressCallback(Callback):
+    """One log line per finished layer: `Layer 12/30 · 3.1 s · ETA 55 s`.
+
+    A layer is finished once its outputs for the next layer exist, i.e. when the next layer
+    starts (or the run ends), so the time includes the error-propagation pass."""
+
+    def on_run_start(self, loop):
+        self._run_start = self._layer_start = time.perf_counter()
+
+    def _report(self, loop, done: int) -> None:
+        now = time.perf_counter()
+        eta = (now - self._run_start) / done * (loop.num_layers - done)
+        log.info("Layer %d/%d · %.1f s · ETA %.0f s", done, loop.num_layers, now - self._layer_start, eta)
+        self._layer_start = now
+
+    def on_layer_start(self, loop, index, layer):
+        if index > 0:
+            self._report(loop, index)
+
+    def on_run_end(self, loop):
+        self._report(loop, loop.num_layers)

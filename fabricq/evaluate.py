@@ -1,0 +1,37 @@
+"""Perplexity and KL divergence of a causal LM on held-out token windows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def next_token_logprobs(model, window: torch.Tensor, device) -> torch.Tensor:
+    """log p(token t+1 | tokens ≤ t) over the vocabulary: (seq_len - 1, vocab) float32."""
+    logits = model(input_ids=window[None].to(device), use_cache=False).logits[0, :-1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None) -> dict:
+    """Perplexity over all windows; optionally keep the first `keep` windows' log-probs (float16,
+    to compare against later) and/or the mean KL(reference ‖ model) over the reference windows."""
+    nll, tokens, kept, kl_sum, kl_tokens = 0.0, 0, [], 0.0, 0
+    for i, window in enumerate(windows):
+        logprobs = next_token_logprobs(model, window, device)
+        targets = window[1:].to(logprobs.device)
+        nll += float(-logprobs.gather(1, targets[:, None]).sum())
+        tokens += targets.numel()
+        if i < keep:
+            kept.append(logprobs.to(torch.float16).cpu())
+        if reference is not None and i < len(reference):
+            ref = reference[i].to(logprobs.device).float()
+            kl_sum += float((ref.exp() * (ref - logprobs)).sum())
+            kl_tokens += targets.numel()
+    result = {"ppl": math.exp(nll / tokens), "tokens": tokens, "logprobs": kept}
+    if reference is not None:
+        result["kl"] = kl_sum / kl_tokens
+    return result
