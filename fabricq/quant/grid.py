@@ -60,14 +60,15 @@ def effective_group_size(requested: int, columns: int) -> int:
     compressed-tensors and vLLM's kernels require the group size to divide the input width, and
     576 or 1536 (SmolLM2) are not multiples of 128. Rather than ragged last groups that no
     loader accepts, we fall back, per module, to the largest divisor of `columns` that is not
-    above the request and is a multiple of min(requested, 32) (so kernels keep aligned groups);
-    if there is none, to per-channel (-1).
+    above the request, is a multiple of min(requested, 32) and is a power of two (vLLM's Marlin
+    kernels take group sizes 32, 64 and 128 only: 576 with 128 gives 64, not 96); if there is
+    none, to per-channel (-1).
     """
     if requested == -1 or columns % requested == 0:
         return requested
     align = min(requested, 32)
     for size in range(requested - requested % align, 0, -align):
-        if columns % size == 0:
+        if columns % size == 0 and size & (size - 1) == 0:
             return size
     return -1
 

@@ -1,0 +1,34 @@
+"""Shared fixtures for the fabricq test suite.
+
+`../shared` (beside the checkout) holds real data and a tiny real model. A fresh clone does not
+have it, so every test that needs it must skip with a clear reason instead of failing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def require_shared(*parts: str) -> Path:
+    """Path to ../shared/<parts...>, or skip the calling test with the reason it is absent."""
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared beside the checkout holds the test data/models)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared directory (skips the test when it is absent)."""
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def shared_path():
+    """`shared_path("models", "stories260k")` → Path, skipping the test when it is absent."""
+    return require_shared
