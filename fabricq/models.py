@@ -113,6 +113,8 @@ def _materialise_gguf(source: ModelSource) -> ModelSource:
     # The weights were de-quantized from GGUF; the saved folder is a plain float model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache.parent))
     model.save_pretrained(staging)
