@@ -6,6 +6,9 @@ have it, so every test that needs it must skip with a clear reason instead of fa
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,12 @@ def shared_dir() -> Path:
 def shared_path():
     """`shared_path("models", "stories260k")` → Path, skipping the test when it is absent."""
     return require_shared
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m fabricq ARGS` from the repository root, one thread, output captured."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "fabricq", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
