@@ -17,12 +17,18 @@ from fabricq.errors import FabricqError
 def _main(cfg: DictConfig) -> None:
     from fabricq.app import run
 
-    output_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else hydra_dir
     try:
         run(cfg, output_dir)
     except FabricqError as err:
         print(f"fabricq: error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        # Hydra creates its run directory up front; drop it if the run put nothing there
+        # (output went to output_dir, or the run failed).
+        if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
 
 
 def main() -> None:
