@@ -15,6 +15,16 @@ def next_token_logprobs(model, window: torch.Tensor, device) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def _kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, rows: int = 256) -> float:
+    """Σ over positions of KL(ref ‖ model), a few rows at a time: full-vocabulary temporaries for
+    a 2048-token window would cost gigabytes."""
+    total = 0.0
+    for ref, cur in zip(ref_logprobs.split(rows), logprobs.split(rows)):
+        ref = ref.float()
+        total += float((ref.exp() * (ref - cur)).sum())
+    return total
+
+
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None) -> dict:
     """Perplexity over all windows; optionally keep the first `keep` windows' log-probs (float16,
@@ -28,8 +38,7 @@ def evaluate(model, windows: torch.Tensor, device, keep: int = 0, reference: lis
         if i < keep:
             kept.append(logprobs.to(torch.float16).cpu())
         if reference is not None and i < len(reference):
-            ref = reference[i].to(logprobs.device).float()
-            kl_sum += float((ref.exp() * (ref - logprobs)).sum())
+            kl_sum += _kl_sum(reference[i].to(logprobs.device), logprobs)
             kl_tokens += targets.numel()
     result = {"ppl": math.exp(nll / tokens), "tokens": tokens, "logprobs": kept}
     if reference is not None:
