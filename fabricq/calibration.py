@@ -17,7 +17,12 @@ from fabricq.models import decoder_layers, layer_prefix
 
 
 class Callback:
-    """Hooks of the calibration loop. Return True from `on_layer_end` if the layer changed."""
+    """Hooks of the calibration loop. Return True from `on_layer_end` if the layer changed.
+
+    `needs_activations`: whether the callback observes layer inputs. When no callback does
+    (round-to-nearest), the loop runs no forward pass at all."""
+
+    needs_activations = False
 
     def on_run_start(self, loop: "CalibrationLoop") -> None: ...
 
@@ -102,24 +107,29 @@ class CalibrationLoop:
 
     @torch.no_grad()
     def run(self) -> None:
+        observe = any(cb.needs_activations for cb in self.callbacks)
         home = next(self.layers.parameters()).device
-        # Only the small parts outside the decoder layers (embeddings, rotary tables) go to the
-        # compute device to produce the first layer's inputs.
-        self._move_outside_layers(self.device)
-        inputs = capture_first_layer_inputs(
-            self.model, self.layers, self.samples.split(self.batch_size), self.device
-        )
-        self._move_outside_layers(home)
+        inputs = None
+        if observe:
+            # Only the small parts outside the decoder layers (embeddings, rotary tables) go to
+            # the compute device to produce the first layer's inputs.
+            self._move_outside_layers(self.device)
+            inputs = capture_first_layer_inputs(
+                self.model, self.layers, self.samples.split(self.batch_size), self.device
+            )
+            self._move_outside_layers(home)
 
         self._fire("on_run_start")
+        last = self.num_layers - 1
         for index, layer in enumerate(self.layers):
             layer.to(self.device)
             self._fire("on_layer_start", index, layer)
-            outputs = self._forward(layer, inputs, index, observe=True)
-            if any(self._fire("on_layer_end", index, layer)):
+            outputs = self._forward(layer, inputs, index, observe=True) if observe else None
+            changed = any(self._fire("on_layer_end", index, layer))
+            if observe and changed and index < last:
                 # Error propagation: the next layer sees the quantized layer's outputs.
                 outputs = self._forward(layer, inputs, index, observe=False)
-            inputs = LayerInputs(outputs, inputs.kwargs)
+            inputs = LayerInputs(outputs, inputs.kwargs) if observe else None
             layer.to(home)
         self._fire("on_run_end")
 

@@ -91,6 +91,7 @@ class GPTQCallback(Callback):
 
     def __init__(self, settings: GPTQSettings):
         self.settings = settings
+        self.needs_activations = settings.method == "gptq"
         self.quantized: dict[str, QuantizedWeight] = {}
         self.stats: dict[str, dict] = {}
         self._targets: dict[str, nn.Linear] = {}
