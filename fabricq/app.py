@@ -157,7 +157,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        before = evaluate(model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows)
+        before = evaluate(model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before")
         model.to("cpu")
         reference = before.pop("logprobs")
         report["ppl_before"] = before["ppl"]
@@ -177,7 +177,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        after = evaluate(model, text.evaluation, fabric.device, reference=reference)
+        after = evaluate(model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after")
         model.to("cpu")
         report["ppl_after"] = after["ppl"]
         report["kl_after"] = after["kl"]

@@ -67,6 +67,9 @@ def test_end_to_end_files_report_and_progress(tiny_run):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert "Layer 2/2" in result.stdout + result.stderr and "ETA" in result.stdout + result.stderr
+    # Evaluation shows a progress bar per pass (tqdm, on stderr), ending at all 4 windows.
+    assert "Perplexity before: 100%" in result.stderr and "4/4" in result.stderr
+    assert "Perplexity after: 100%" in result.stderr
 
 
 def test_checkpoint_loads_in_transformers_with_the_reported_quality(tiny_run, tiny_llama):
