@@ -16,19 +16,30 @@ from fabricq.errors import FabricqError
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     from fabricq.app import run
+    from fabricq.distributed import rank_label, run_multirun_job_in_subprocess
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else hydra_dir
     try:
-        run(cfg, output_dir)
+        if not run_multirun_job_in_subprocess(cfg, hydra_dir, output_dir):
+            run(cfg, output_dir)
     except FabricqError as err:
-        print(f"fabricq: error: {err}", file=sys.stderr)
+        print(f"fabricq: error: {rank_label()}{err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if not rank_label():
+            raise
+        # Several ranks: say which one failed (the others stop at their next collective).
+        print(f"fabricq: error: {rank_label()}failed: {type(err).__name__}: {err}", file=sys.stderr)
+        raise
     finally:
         # Hydra creates its run directory up front; drop it if the run put nothing there
-        # (output went to output_dir, or the run failed).
+        # (output went to output_dir, or the run failed). Ranks may race to do it.
         if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
-            hydra_dir.rmdir()
+            try:
+                hydra_dir.rmdir()
+            except OSError:
+                pass
 
 
 def main() -> None:

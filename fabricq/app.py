@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fabricq import distributed
 from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback
 from fabricq.calibration import CalibrationLoop
 from fabricq.data import check_text_path, prepare_text
 from fabricq.errors import FabricqError
-from fabricq.evaluate import evaluate
 from fabricq.models import (
     DTYPES,
     check_finite_weights,
@@ -75,8 +75,7 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
     check_text_path(cfg.eval.path, "eval.path")
     if cfg.export.format != "compressed-tensors":
         raise FabricqError(f"export.format must be compressed-tensors, got {cfg.export.format!r}")
-    if cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1:
-        raise FabricqError("this version runs on one device: set trainer.devices=1 trainer.num_nodes=1")
+    distributed.validate_trainer(cfg.trainer, cfg.data)
     return GPTQSettings(
         method=q.method,
         scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
@@ -113,8 +112,6 @@ def peak_rss_mib() -> float:
 
 def run(cfg: DictConfig, output_dir: Path) -> dict:
     """Quantize the configured model and write checkpoint + report.json into `output_dir`."""
-    from lightning.fabric import Fabric
-
     from fabricq.export import save_compressed_checkpoint
 
     start = time.perf_counter()
@@ -129,13 +126,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if max_positions and cfg.data.seq_len > max_positions:
         raise FabricqError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context length {max_positions}")
 
-    fabric = Fabric(
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-    )
-    fabric.launch()
+    # Ranks: Fabric launches them (or torchrun/SLURM did); they agree on config and output_dir.
+    fabric, output_dir = distributed.launch(cfg, output_dir)
+    world, rank = fabric.world_size, fabric.global_rank
     torch.manual_seed(cfg.seed)
 
     tick = time.perf_counter()
@@ -157,7 +150,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        before = evaluate(model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before")
+        before = distributed.evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows)
         model.to("cpu")
         reference = before.pop("logprobs")
         report["ppl_before"] = before["ppl"]
@@ -166,9 +159,18 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         log.info("Perplexity before: %.3f (%d tokens)", before["ppl"], before["tokens"])
 
     tick = time.perf_counter()
-    gptq = GPTQCallback(settings)
+    if world > 1 and settings.method == "gptq":
+        gptq = distributed.DistributedGPTQCallback(
+            settings, rank=rank, world_size=world, device=fabric.device,
+            upper_triangle=cfg.trainer.hessian_upper_triangle,
+            use_measurements=cfg.trainer.balance == "measured",
+        )
+    else:
+        gptq = GPTQCallback(settings)
+    # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
+    samples = distributed.local_samples(text.calibration, cfg.data.batch_size, rank, world)
     loop = CalibrationLoop(
-        model, text.calibration, device=fabric.device, batch_size=cfg.data.batch_size,
+        model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
         callbacks=[gptq, ProgressCallback()],
     )
     loop.run()
@@ -177,13 +179,18 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        after = evaluate(model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after")
+        after = distributed.evaluate_sharded(fabric, model, text.evaluation, fabric.device, reference=reference)
         model.to("cpu")
         report["ppl_after"] = after["ppl"]
         report["kl_after"] = after["kl"]
         timings["eval_after_s"] = time.perf_counter() - tick
         log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
 
+    if isinstance(gptq, distributed.DistributedGPTQCallback):
+        report["distributed"] = {**gptq.report, "bytes_sent": distributed.gather_bytes(fabric, gptq)}
+    if rank != 0:  # only rank 0 writes; the others wait for it at the final barrier
+        distributed.finish(fabric)
+        return report
     tick = time.perf_counter()
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -204,5 +211,6 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     (staging / "report.json").write_text(json.dumps(report, indent=2))
     (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     publish(staging, output_dir)
+    distributed.finish(fabric)
     log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", output_dir, report["wall_s"], report["peak_rss_mib"])
     return report

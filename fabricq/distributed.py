@@ -1,0 +1,571 @@
+"""Data-parallel calibration and GPTQ across ranks (Lightning Fabric processes, torch.distributed
+collectives), balanced by the cost of the GPTQ solves.
+
+How a run with N ranks works (N = trainer.devices × trainer.num_nodes):
+
+1. Every rank loads the model and the same calibration windows. The windows are cut into the very
+   micro-batches a one-rank run forwards (`data.batch_size`), and whole batches are dealt to ranks
+   in contiguous, disjoint ranges (`shard_batches`): every forward pass is bit-identical to the
+   one-rank run's, only the order in which Hessian partial sums are added differs.
+2. Per decoder layer, each rank accumulates partial Hessian *sums* (one per shared-input group:
+   q/k/v, o, gate/up, down) over its batches. A pure cost model (`solve_cost`) predicts each
+   group's GPTQ time, `assign_to_ranks` places the groups on ranks minimising the layer's
+   makespan, and each group's sum is reduced (`torch.distributed.reduce`, asynchronous) to its
+   owner only, never all-reduced.
+3. Owners solve; codes, scales, zero points and g_idx are broadcast, so every rank holds the same
+   quantized weights and continues error propagation on its own batches.
+4. After the first layer, measured solve times (broadcast with the results, so all ranks plan
+   identically) replace the analytic cost for modules of the same shape.
+
+The cost model and the assignment are pure functions (no torch.distributed): unit-tested against
+brute force and simulated on Llama-3 shapes in `benchmarks/assignment_sim.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fabricq.callbacks import GPTQCallback, GPTQSettings
+from fabricq.errors import FabricqError
+from fabricq.quant.gptq import QuantizedWeight
+
+log = logging.getLogger("fabricq")
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+# Environment variables by which an external launcher (torchrun / SLURM) announces the ranks.
+_TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
+_SLURM_VARS = ("SLURM_NTASKS", "SLURM_PROCID")
+_MANUAL_MULTINODE_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration checks (before any process is launched)
+# ---------------------------------------------------------------------------------------------
+
+
+def world_size_of(trainer: DictConfig) -> int:
+    return int(trainer.devices) * int(trainer.num_nodes)
+
+
+def external_launcher(environ=os.environ) -> str | None:
+    """'torchrun' or 'slurm' when such a launcher started this process, else None."""
+    if any(v in environ for v in _TORCHRUN_VARS):
+        return "torchrun"
+    if all(v in environ for v in _SLURM_VARS) and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return "slurm"
+    return None
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def validate_trainer(trainer: DictConfig, data: DictConfig, environ=os.environ) -> None:
+    """Every check on trainer.* that can fail before processes start, one clear line each."""
+    for name in ("devices", "num_nodes"):
+        value = trainer[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise FabricqError(f"trainer.{name} must be a positive integer, got {value!r}")
+    if trainer.strategy not in STRATEGIES:
+        raise FabricqError(f"trainer.strategy must be one of {STRATEGIES}, got {trainer.strategy!r}")
+    timeout = trainer.get("timeout_s", 600)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise FabricqError(f"trainer.timeout_s must be a positive number of seconds, got {timeout!r}")
+    if trainer.get("balance", "measured") not in ("measured", "analytic"):
+        raise FabricqError(f"trainer.balance must be measured or analytic, got {trainer.balance!r}")
+
+    devices = trainer.devices
+    if _uses_cuda(trainer.accelerator):
+        available = torch.cuda.device_count()
+        if devices > available:
+            raise FabricqError(f"trainer.devices={devices} but this machine has {available} CUDA device(s)")
+    elif trainer.accelerator in ("auto", "cpu"):
+        cpus = usable_cpus()
+        if devices > cpus and not trainer.get("cpu_oversubscribe", False):
+            raise FabricqError(
+                f"trainer.devices={devices} CPU ranks but only {cpus} usable CPU core(s): one rank per core "
+                "(pass trainer.cpu_oversubscribe=true to run more ranks than cores anyway)"
+            )
+
+    world = devices * trainer.num_nodes
+    launcher = external_launcher(environ)
+    if launcher == "torchrun" and "WORLD_SIZE" in environ and int(environ["WORLD_SIZE"]) != world:
+        raise FabricqError(
+            f"torchrun started {environ['WORLD_SIZE']} processes but trainer.devices × trainer.num_nodes = {world}"
+        )
+    if launcher == "slurm" and int(environ["SLURM_NTASKS"]) != world:
+        raise FabricqError(
+            f"SLURM started {environ['SLURM_NTASKS']} tasks but trainer.devices × trainer.num_nodes = {world}"
+        )
+    if trainer.num_nodes > 1 and launcher is None:
+        missing = [v for v in _MANUAL_MULTINODE_VARS if v not in environ]
+        if missing:
+            raise FabricqError(
+                f"trainer.num_nodes={trainer.num_nodes} needs a multi-node launch: start it with torchrun or "
+                f"srun, or set {', '.join(missing)} on every node (see README, Distributed runs)"
+            )
+    batches = math.ceil(data.num_samples / data.batch_size)
+    if world > batches:
+        raise FabricqError(
+            f"{world} ranks but only {batches} calibration batches (data.num_samples={data.num_samples}, "
+            f"data.batch_size={data.batch_size}): every rank needs at least one batch"
+        )
+
+
+def make_strategy(trainer: DictConfig):
+    """The Fabric strategy named by trainer.strategy, with the collective timeout of the config
+    (a failed rank then stops the others within that bound instead of hanging)."""
+    if world_size_of(trainer) == 1 and trainer.strategy == "auto":
+        return "auto"
+    from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+
+    timeout = timedelta(seconds=float(trainer.get("timeout_s", 600)))
+    if trainer.strategy == "fsdp":
+        return FSDPStrategy(timeout=timeout)
+    return DDPStrategy(timeout=timeout)
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """Hash of the resolved config, without the fields that legitimately differ between ranks
+    (the output directory each rank's Hydra resolved from the clock)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("output_dir", None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(data)).encode()).hexdigest()
+
+
+def launch(cfg: DictConfig, output_dir: Path):
+    """Create and launch Fabric. Children re-run the command line: they get the resolved output
+    directory appended, so all ranks agree on it. Then the ranks compare config digests.
+
+    Returns (fabric, output_dir as rank 0 sees it)."""
+    from lightning.fabric import Fabric
+
+    if world_size_of(cfg.trainer) > 1 and external_launcher() is None and "LOCAL_RANK" not in os.environ:
+        sys.argv = [*sys.argv, f"output_dir={output_dir.resolve()}"]
+    fabric = Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=make_strategy(cfg.trainer),
+    )
+    fabric.launch()
+    if fabric.world_size == 1:
+        return fabric, output_dir
+    if fabric.global_rank != 0:  # one copy of the progress log, from rank 0
+        log.setLevel(logging.WARNING)
+    digests = [None] * fabric.world_size
+    torch.distributed.all_gather_object(digests, config_digest(cfg))
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise FabricqError(
+            f"rank {fabric.global_rank}: the resolved config differs between ranks (rank(s) "
+            f"{', '.join(map(str, differ))} vs rank 0): launch every rank with the same overrides"
+        )
+    shared = [str(output_dir)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return fabric, Path(shared[0])
+
+
+def finish(fabric) -> None:
+    """Every rank waits for rank 0's files, then the process group is torn down."""
+    if fabric.world_size > 1 and torch.distributed.is_initialized():
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def rank_label() -> str:
+    """'rank R/W: ' in a multi-rank run, so every error names the rank that raised it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return f"rank {rank}/{world}: " if world > 1 else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding the calibration data
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_batches(num_batches: int, world_size: int) -> list[range]:
+    """Contiguous, disjoint ranges of batch indices, one per rank, sizes differing by at most one
+    (the first ranks take the extra batches). Together they cover every batch exactly once."""
+    base, extra = divmod(num_batches, world_size)
+    shards, start = [], 0
+    for rank in range(world_size):
+        size = base + (rank < extra)
+        shards.append(range(start, start + size))
+        start += size
+    return shards
+
+
+def local_samples(samples: torch.Tensor, batch_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's calibration windows: whole batches of the one-rank run. Because the shards are
+    contiguous and only the globally last batch can be short, `local.split(batch_size)` yields
+    exactly the same micro-batches the one-rank run forwards for these indices."""
+    shard = shard_batches(math.ceil(len(samples) / batch_size), world_size)[rank]
+    return samples[shard.start * batch_size : shard.stop * batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model and assignment (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SolveTask:
+    """One shared-input group: the modules reading one input share its Hessian (cols × cols),
+    which is factorised once; each module then solves its rows."""
+
+    cols: int
+    rows: tuple[int, ...]
+
+    @property
+    def signature(self) -> tuple:
+        return (self.cols, self.rows)
+
+
+def solve_cost(task: SolveTask) -> float:
+    """Analytic GPTQ cost: cols³ (factorising the group's Hessian, once) + rows·cols² per module."""
+    return float(task.cols) ** 3 + sum(float(r) * task.cols**2 for r in task.rows)
+
+
+@dataclass
+class CostModel:
+    """Predicted seconds (or analytic units until anything was measured) per task.
+
+    Layers of a transformer repeat the same shapes, so a measured time for a signature (mean of
+    its observations) predicts the next layer exactly up to noise; shapes never measured are
+    scaled from the analytic cost by the median measured/analytic ratio."""
+
+    use_measurements: bool = True
+    observed: dict[tuple, list[float]] = field(default_factory=dict)
+
+    def observe(self, task: SolveTask, seconds: float) -> None:
+        self.observed.setdefault(task.signature, []).append(seconds)
+
+    def _ratio(self) -> float | None:
+        ratios = sorted(
+            (sum(t) / len(t)) / solve_cost(SolveTask(*sig)) for sig, t in self.observed.items()
+        )
+        return ratios[len(ratios) // 2] if ratios else None
+
+    @property
+    def in_seconds(self) -> bool:
+        return self.use_measurements and bool(self.observed)
+
+    def predict(self, task: SolveTask) -> float:
+        if not self.in_seconds:
+            return solve_cost(task)
+        times = self.observed.get(task.signature)
+        if times:
+            return sum(times) / len(times)
+        return solve_cost(task) * self._ratio()
+
+
+def assign_to_ranks(costs: list[float], world_size: int, exact_limit: int = 12) -> list[int]:
+    """Owner rank of each task, minimising the largest per-rank total (the makespan).
+
+    Exact branch and bound (largest first, empty ranks interchangeable) for up to `exact_limit`
+    tasks — a decoder layer has 4–7 — and longest-processing-time-first beyond. Deterministic:
+    every rank computes the same plan from the same costs."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    # Longest-processing-time first: a good start and the answer for many tasks.
+    loads = [0.0] * world_size
+    owner = [0] * len(costs)
+    for i in order:
+        r = min(range(world_size), key=lambda k: (loads[k], k))
+        owner[i] = r
+        loads[r] += costs[i]
+    if len(costs) > exact_limit or world_size == 1:
+        return owner
+    best = [max(loads), owner[:]]
+    bound = max(max(costs, default=0.0), sum(costs) / world_size)
+    loads = [0.0] * world_size
+    current = [0] * len(costs)
+
+    def search(k: int) -> bool:
+        if k == len(order):
+            makespan = max(loads)
+            if makespan < best[0]:
+                best[0], best[1] = makespan, current[:]
+            return best[0] <= bound * (1 + 1e-12)
+        i = order[k]
+        tried_empty = False
+        for r in range(world_size):
+            if loads[r] == 0.0:
+                if tried_empty:
+                    continue
+                tried_empty = True
+            if loads[r] + costs[i] >= best[0]:
+                continue
+            loads[r] += costs[i]
+            current[i] = r
+            done = search(k + 1)
+            loads[r] -= costs[i]
+            if done:
+                return True
+        return False
+
+    search(0)
+    return best[1]
+
+
+def makespan(costs: list[float], owners: list[int], world_size: int) -> float:
+    loads = [0.0] * world_size
+    for c, r in zip(costs, owners):
+        loads[r] += c
+    return max(loads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------------
+
+
+def _triu_indices(n: int, device) -> torch.Tensor:
+    return torch.triu_indices(n, n, device=device)
+
+
+def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (with diagonal) of a square matrix as a flat vector."""
+    i, j = _triu_indices(matrix.shape[0], matrix.device)
+    return matrix[i, j]
+
+
+def unpack_upper(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Symmetric matrix from `pack_upper`'s vector (the lower triangle mirrors the upper)."""
+    i, j = _triu_indices(n, flat.device)
+    out = torch.empty(n, n, dtype=flat.dtype, device=flat.device)
+    out[i, j] = flat
+    out[j, i] = flat
+    return out
+
+
+def _result_buffers(rows: int, cols: int, groups: int, device) -> dict[str, torch.Tensor]:
+    return {
+        "codes": torch.empty(rows, cols, dtype=torch.int8, device=device),
+        "scale": torch.empty(rows, groups, dtype=torch.float32, device=device),
+        "zero": torch.empty(rows, groups, dtype=torch.float32, device=device),
+        "g_idx": torch.empty(cols, dtype=torch.int32, device=device),
+    }
+
+
+class DistributedGPTQCallback(GPTQCallback):
+    """GPTQCallback whose layer end reduces each shared-input Hessian to one owner rank, solves
+    the groups this rank owns, and broadcasts the results so that every rank applies them all.
+
+    `report` holds, per layer: owners, planned and achieved per-rank solve time, makespans, and
+    bytes sent in Hessian reductions and result broadcasts."""
+
+    def __init__(self, settings: GPTQSettings, *, rank: int, world_size: int, device,
+                 upper_triangle: bool = False, use_measurements: bool = True):
+        super().__init__(settings)
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.upper_triangle = upper_triangle
+        self.cost_model = CostModel(use_measurements=use_measurements)
+        self.layers: list[dict] = []
+        self.bytes = {"hessian_reduce": 0, "result_broadcast": 0, "metadata": 0}
+
+    def _solve_group(self, names: list[str]) -> float:
+        start = time.perf_counter()
+        for name in names:
+            self.quantize_module(name, self._targets[name], self._hessians)
+        return time.perf_counter() - start
+
+    def on_layer_end(self, loop, index, layer) -> bool:
+        dist = torch.distributed
+        hessians = self._hessians
+        hessians.remove()
+        tick = time.perf_counter()
+        groups = hessians.groups()
+        tasks = [SolveTask(self._targets[g[0]].in_features, tuple(self._targets[n].out_features for n in g))
+                 for g in groups]
+        costs = [self.cost_model.predict(t) for t in tasks]
+        owners = assign_to_ranks(costs, self.world_size)
+        accumulators = [hessians.accumulators[hessians.leader[g[0]]] for g in groups]
+
+        tokens = torch.tensor([a.tokens for a in accumulators], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tokens)
+        reduces, payloads = [], []
+        for acc, owner in zip(accumulators, owners):
+            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            payloads.append(payload)
+            reduces.append(dist.reduce(payload, dst=owner, async_op=True))
+            if owner != self.rank:
+                self.bytes["hessian_reduce"] += payload.numel() * payload.element_size()
+
+        solve_s = [0.0] * len(groups)
+        broadcasts, received = [], {}
+        for g, (names, owner) in enumerate(zip(groups, owners)):
+            if owner == self.rank:
+                reduces[g].wait()
+                acc = accumulators[g]
+                if self.upper_triangle:
+                    acc.sum = unpack_upper(payloads[g], acc.sum.shape[0])
+                acc.tokens = int(tokens[g])
+                solve_s[g] = self._solve_group(names)
+                acc.sum = None  # the summed Hessian is no longer needed
+            for name in names:
+                module = self._targets[name]
+                scheme = self.scheme_for(module)
+                n_groups = 1 if scheme.group_size == -1 else math.ceil(module.in_features / scheme.group_size)
+                if owner == self.rank:
+                    qw = self.quantized[name]
+                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
+                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
+                else:
+                    bufs = _result_buffers(module.out_features, module.in_features, n_groups, self.device)
+                    received[name] = (bufs, scheme)
+                broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
+        for work in reduces + broadcasts:
+            work.wait()
+
+        # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
+        mine = {
+            "stats": {n: self.stats[n] for g, names in enumerate(groups) if owners[g] == self.rank for n in names},
+            "info": {n: self.quantized[n].info for g, names in enumerate(groups) if owners[g] == self.rank for n in names},
+            "solve_s": {g: solve_s[g] for g in range(len(groups)) if owners[g] == self.rank},
+        }
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        self.bytes["metadata"] += len(repr(mine))
+        for part in gathered:
+            for g, seconds in part["solve_s"].items():
+                solve_s[g] = seconds
+            for name, stats in part["stats"].items():
+                if name in received:
+                    bufs, scheme = received[name]
+                    cpu = {k: v.cpu() for k, v in bufs.items()}
+                    qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, part["info"][name])
+                    module = self._targets[name]
+                    weight = module.weight.data
+                    module.weight.data = qw.dequantize().to(device=weight.device, dtype=weight.dtype)
+                    self.quantized[name] = qw
+                    self.stats[name] = stats
+        for acc in accumulators:
+            acc.sum = None
+        self._hessians = None
+
+        planned_in_seconds = self.cost_model.in_seconds
+        for task, seconds in zip(tasks, solve_s):
+            self.cost_model.observe(task, seconds)
+        achieved = [0.0] * self.world_size
+        planned = [0.0] * self.world_size
+        for c, s, r in zip(costs, solve_s, owners):
+            planned[r] += c
+            achieved[r] += s
+        self.layers.append({
+            "layer": index,
+            "groups": [{"modules": names, "cols": t.cols, "rows": list(t.rows), "owner": r,
+                        "planned": round(c, 6 if planned_in_seconds else 0), "solve_s": round(s, 4)}
+                       for names, t, c, s, r in zip(groups, tasks, costs, solve_s, owners)],
+            "planned_unit": "s" if planned_in_seconds else "analytic (cols³ + Σ rows·cols²)",
+            "planned_per_rank": planned,
+            "planned_makespan_over_ideal": max(planned) / (sum(planned) / self.world_size),
+            "achieved_per_rank_s": [round(a, 4) for a in achieved],
+            "achieved_makespan_s": round(max(achieved), 4),
+            "achieved_makespan_over_ideal": max(achieved) / (sum(achieved) / self.world_size) if sum(achieved) else 1.0,
+            "wall_s": round(time.perf_counter() - tick, 4),
+        })
+        return bool(self._targets)
+
+    @property
+    def report(self) -> dict:
+        return {"world_size": self.world_size, "upper_triangle": self.upper_triangle,
+                "bytes_sent_rank": self.rank, "bytes_sent": dict(self.bytes), "layers": self.layers}
+
+
+def gather_bytes(fabric, callback: DistributedGPTQCallback) -> dict:
+    """Bytes each rank sent (reduce payloads to other owners, broadcasts it sourced), summed."""
+    totals = [None] * fabric.world_size
+    torch.distributed.all_gather_object(totals, callback.bytes)
+    return {k: sum(t[k] for t in totals) for k in totals[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sharded over ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_sharded(fabric, model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None) -> dict:
+    """`fabricq.evaluate.evaluate` with the windows split over ranks (contiguous shards) and the
+    sums combined: the same perplexity and KL as one rank up to float rounding. The log-probs
+    kept for the KL stay on the rank that computed them (`reference` is that rank's list)."""
+    from fabricq.evaluate import evaluate
+
+    if fabric.world_size == 1:
+        return evaluate(model, windows, device, keep=keep, reference=reference)
+    shard = shard_batches(len(windows), fabric.world_size)[fabric.global_rank]
+    local = windows[shard.start : shard.stop]
+    local_keep = max(0, min(keep, shard.stop) - shard.start)
+    totals = torch.zeros(4, dtype=torch.float64)
+    kept: list = []
+    if len(local):
+        result = evaluate(model, local, device, keep=local_keep, reference=reference or None)
+        kept = result["logprobs"]
+        totals[0] = math.log(result["ppl"]) * result["tokens"]
+        totals[1] = result["tokens"]
+        if reference:
+            kl_tokens = sum(len(w) - 1 for w in local[: len(reference)])
+            totals[2] = result["kl"] * kl_tokens
+            totals[3] = kl_tokens
+    totals = totals.to(fabric.device)
+    torch.distributed.all_reduce(totals)
+    totals = totals.cpu()
+    out = {"ppl": math.exp(totals[0] / totals[1]), "tokens": int(totals[1]), "logprobs": kept}
+    if reference is not None:
+        out["kl"] = float(totals[2] / totals[3])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra multirun
+# ---------------------------------------------------------------------------------------------
+
+
+def run_multirun_job_in_subprocess(cfg: DictConfig, hydra_dir: Path, output_dir: Path) -> bool:
+    """Under `-m` with several ranks, run this job as a fresh single-run process tree.
+
+    Fabric's launcher re-executes the command line for ranks 1..N-1; under multirun that is the
+    whole sweep, so every child would run every job. Instead, the sweep process starts
+    `python -m fabricq <this job's overrides> output_dir=<job dir>` (no `-m`), in which Fabric
+    launches the ranks of this job only; the sweep's own process never joins a process group,
+    so the next job starts clean. Returns False when nothing was done (not such a job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN or world_size_of(cfg.trainer) == 1 or external_launcher():
+        return False
+    import subprocess
+
+    command = [
+        sys.executable, "-m", "fabricq", *hydra.overrides.task,
+        f"output_dir={output_dir.resolve()}", f"hydra.run.dir={hydra_dir.resolve()}", "hydra.output_subdir=null",
+    ]
+    log.info("Multirun job %s: %d ranks in a fresh process tree", hydra.job.num, world_size_of(cfg.trainer))
+    completed = subprocess.run(command, cwd=hydra.runtime.cwd)
+    if completed.returncode != 0:
+        sys.exit(completed.returncode)
+    return True
