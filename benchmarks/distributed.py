@@ -1,0 +1,119 @@
+"""Speed-up of data-parallel calibration: N ranks × T threads against 1 rank × T threads.
+
+Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =N, interleaved
+(1, N, 1, N, ...) so that load from other processes hits both alike, and reports per run:
+
+- end-to-end: the process's wall time (interpreter start to exit) and the run's own `wall_s`;
+- calibration: `timings.quantize_s` (capture, forwards, Hessians, solves, error propagation);
+- GPTQ phase: on one rank the sum of the modules' solve seconds; on N ranks the sum over layers
+  of the layer-end step (Hessian reduction, solves, result broadcast), i.e. the critical path;
+- bytes communicated (Hessian reductions to owners, result broadcasts, metadata).
+
+    OMP_NUM_THREADS=1 python benchmarks/distributed.py                 # 128 × 512 C4, 2 ranks
+    python benchmarks/distributed.py --samples 32 --repeats 2           # shorter
+
+Writes benchmarks/results/distributed-<time>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+C4 = REPO.parent / "shared" / "data" / "c4-train-sample.jsonl"
+
+
+def run_once(ranks: int, args, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    cmd = [
+        sys.executable, "-m", "fabricq", f"+recipe={args.recipe}", f"data.path={args.data}",
+        f"data.num_samples={args.samples}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
+        f"eval.enabled={str(args.eval).lower()}", f"eval.max_windows={args.eval_windows}", f"eval.seq_len={args.eval_seq_len}",
+        f"trainer.devices={ranks}", f"output_dir={out}", *args.extra,
+    ]
+    if args.model:
+        cmd.append(f"model.path={args.model}")
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=not args.verbose)
+    process_s = time.perf_counter() - start
+    report = json.loads((out / "report.json").read_text())
+    if ranks == 1:
+        gptq_s = sum(m["seconds"] for m in report["modules"].values())
+        bytes_sent = {}
+        balance = None
+    else:
+        layers = report["distributed"]["layers"]
+        gptq_s = sum(layer["wall_s"] for layer in layers)
+        bytes_sent = report["distributed"]["bytes_sent"]
+        balance = sum(layer["achieved_makespan_s"] for layer in layers) / sum(
+            sum(layer["achieved_per_rank_s"]) / ranks for layer in layers)
+    return {
+        "ranks": ranks, "process_s": process_s, "wall_s": report["wall_s"],
+        "quantize_s": report["timings"]["quantize_s"], "gptq_s": gptq_s, "bytes_sent": bytes_sent,
+        "solve_makespan_over_ideal": balance, "ppl_after": report.get("ppl_after"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--recipe", default="gptq_w4")
+    parser.add_argument("--data", default=str(C4))
+    parser.add_argument("--model", default=None, help="model folder (default: fabricq's default model)")
+    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("extra", nargs="*", help="more fabricq overrides")
+    args = parser.parse_args()
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for ranks in (1, args.ranks):
+                result = run_once(ranks, args, Path(tmp) / f"r{repeat}-{ranks}")
+                runs.append(result)
+                print(f"repeat {repeat} ranks {ranks}: process {result['process_s']:.1f} s, run {result['wall_s']:.1f} s, "
+                      f"calibration {result['quantize_s']:.1f} s, GPTQ {result['gptq_s']:.1f} s", flush=True)
+
+    def mean(key, ranks):
+        values = [r[key] for r in runs if r["ranks"] == ranks]
+        return sum(values) / len(values)
+
+    rows = []
+    for key, label in (("process_s", "end-to-end (process)"), ("wall_s", "end-to-end (run wall_s)"),
+                       ("quantize_s", "calibration loop"), ("gptq_s", "GPTQ phase")):
+        one, many = mean(key, 1), mean(key, args.ranks)
+        rows.append({"phase": label, "one_rank_s": one, "ranks_s": many, "speedup": one / many})
+    load = os.getloadavg()
+    print(f"\n{args.ranks} ranks × {args.threads} thread(s) vs 1 rank × {args.threads}; {args.samples} × {args.seq_len} "
+          f"tokens of {Path(args.data).name}; {args.repeats} repeat(s); load average now {load[0]:.1f}\n")
+    print(f"| phase | 1 rank (s) | {args.ranks} ranks (s) | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['phase']} | {r['one_rank_s']:.1f} | {r['ranks_s']:.1f} | {r['speedup']:.2f}x |")
+    multi = [r for r in runs if r["ranks"] == args.ranks][-1]
+    total = sum(multi["bytes_sent"].values())
+    print(f"\nbytes communicated per run: {total / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in multi['bytes_sent'].items())}); "
+          f"solve makespan / ideal {multi['solve_makespan_over_ideal']:.3f}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = REPO / "benchmarks" / "results" / f"distributed-{stamp}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "runs": runs, "summary": rows, "loadavg": load}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra config package (makes `pkg://fabricq.conf` importable for the console script)."""

@@ -1,0 +1,320 @@
+"""Distributed calibration: sharding, the cost model and assignment (pure, against brute force), and
+multi-process runs with gloo — world-size invariance of the packed checkpoint, only rank 0 writing,
+Hydra multirun with several ranks, a failing rank, and the bad-input errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, run_cli
+from fabricq.distributed import (
+    CostModel,
+    SolveTask,
+    assign_to_ranks,
+    config_digest,
+    local_samples,
+    makespan,
+    pack_upper,
+    shard_batches,
+    solve_cost,
+    unpack_upper,
+    validate_trainer,
+)
+from fabricq.errors import FabricqError
+from fabricq.export import load_dequantized_state_dict
+from fabricq.quant.packing import unpack_int32
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batches,world", [(1, 1), (7, 2), (7, 3), (10, 4), (3, 3), (128, 5)])
+def test_shards_cover_every_batch_exactly_once(batches, world):
+    shards = shard_batches(batches, world)
+    assert len(shards) == world
+    seen = [b for s in shards for b in s]
+    assert seen == list(range(batches))  # disjoint, complete, in order
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("samples,batch,world", [(13, 3, 2), (13, 3, 3), (12, 2, 3), (5, 5, 1)])
+def test_local_samples_are_the_one_rank_micro_batches(samples, batch, world):
+    data = torch.arange(samples)[:, None].repeat(1, 4)
+    reference = list(data.split(batch))
+    got = [b for rank in range(world) for b in local_samples(data, batch, rank, world).split(batch)]
+    assert len(got) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def _brute_force_makespan(costs, world):
+    return min(makespan(costs, owners, world) for owners in itertools.product(range(world), repeat=len(costs)))
+
+
+def test_assignment_is_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(150):
+        n, world = rng.randint(1, 7), rng.randint(1, 4)
+        costs = [rng.choice([rng.uniform(0, 10), float(rng.randint(1, 5))]) for _ in range(n)]
+        owners = assign_to_ranks(costs, world)
+        assert len(owners) == n and all(0 <= r < world for r in owners)
+        assert makespan(costs, owners, world) == pytest.approx(_brute_force_makespan(costs, world), rel=1e-12)
+
+
+def test_assignment_beyond_exact_limit_is_lpt_and_deterministic():
+    costs = [float(c) for c in range(1, 30)]
+    owners = assign_to_ranks(costs, 4)
+    assert owners == assign_to_ranks(list(costs), 4)
+    total = sum(costs)
+    # LPT bound: makespan ≤ 4/3 of the optimum, which is ≥ total/ranks.
+    assert makespan(costs, owners, 4) <= 4 / 3 * max(total / 4, max(costs)) + 1e-9
+
+
+def test_cost_model_factorises_once_per_group_and_uses_measurements():
+    qkv = SolveTask(cols=64, rows=(64, 32, 32))
+    down = SolveTask(cols=172, rows=(64,))
+    assert solve_cost(qkv) == 64**3 + (64 + 32 + 32) * 64**2
+    model = CostModel()
+    assert model.predict(down) == solve_cost(down) and not model.in_seconds
+    model.observe(qkv, 0.2)
+    model.observe(qkv, 0.4)
+    assert model.in_seconds and model.predict(qkv) == pytest.approx(0.3)
+    # Unseen shapes: analytic cost scaled by the measured seconds per analytic unit.
+    assert model.predict(down) == pytest.approx(solve_cost(down) * 0.3 / solve_cost(qkv))
+    assert CostModel(use_measurements=False).predict(qkv) == solve_cost(qkv)
+
+
+def test_upper_triangle_round_trip():
+    x = torch.randn(50, 7, dtype=torch.float64)
+    h = x.T @ x
+    h = (h + h.T) / 2
+    flat = pack_upper(h)
+    assert flat.numel() == 7 * 8 // 2
+    assert torch.equal(unpack_upper(flat, 7), h)
+
+
+def _trainer(**kw):
+    base = dict(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", timeout_s=600,
+                cpu_oversubscribe=False, hessian_upper_triangle=False, balance="measured")
+    return OmegaConf.create({**base, **kw})
+
+
+DATA = OmegaConf.create(dict(num_samples=16, batch_size=4))
+
+
+@pytest.mark.parametrize("trainer,environ,message", [
+    (dict(strategy="horovod"), {}, "trainer.strategy must be one of"),
+    (dict(devices=os.cpu_count() + 1), {}, "usable CPU core"),
+    (dict(devices=0), {}, "trainer.devices must be a positive integer"),
+    (dict(num_nodes=2), {}, "needs a multi-node launch"),
+    (dict(num_nodes=2), {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, "NODE_RANK"),
+    (dict(devices=2, cpu_oversubscribe=True), {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"}, "torchrun started 4"),
+    (dict(devices=5, cpu_oversubscribe=True), {}, "only 4 calibration batches"),
+    (dict(timeout_s=0), {}, "trainer.timeout_s"),
+])
+def test_bad_trainer_settings(trainer, environ, message):
+    with pytest.raises(FabricqError, match=message):
+        validate_trainer(_trainer(**trainer), DATA, environ=environ)
+
+
+def test_good_trainer_settings_pass():
+    validate_trainer(_trainer(devices=1, strategy="ddp"), DATA, environ={})
+    validate_trainer(_trainer(devices=2, num_nodes=2, cpu_oversubscribe=True), DATA,
+                     environ={"MASTER_ADDR": "h", "MASTER_PORT": "1", "NODE_RANK": "0"})
+    validate_trainer(_trainer(devices=2, num_nodes=2, cpu_oversubscribe=True), DATA,
+                     environ={"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"})
+
+
+def test_config_digest_ignores_output_dir_only():
+    a = OmegaConf.create({"output_dir": "a", "quant": {"bits": 4}})
+    assert config_digest(a) == config_digest(OmegaConf.create({"output_dir": "b", "quant": {"bits": 4}}))
+    assert config_digest(a) != config_digest(OmegaConf.create({"output_dir": "a", "quant": {"bits": 8}}))
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes (gloo), through the command line
+# --------------------------------------------------------------------------------------------
+
+# stories260k: 5 layers, widths 64 and 172; 13 windows in batches of 2 → 7 batches (uneven shards
+# for 2 and 3 ranks, a short last batch).
+def _small(shared_path):
+    return [
+        f"model.path={shared_path('models', 'stories260k')}",
+        f"data.path={shared_path('data', 'tinystories-sample.txt')}",
+        "data.num_samples=13", "data.seq_len=64", "data.batch_size=2",
+        "eval.seq_len=64", "eval.max_windows=3", "eval.kl_windows=2",
+        "trainer.cpu_oversubscribe=true", "trainer.timeout_s=60",
+    ]
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{b} differs from {a} in {differ[:5]}"
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(shared_path, tmp_path_factory):
+    """One rank, float32 and float64 Hessians (a one-process multirun)."""
+    sweep = tmp_path_factory.mktemp("one_rank")
+    result = run_cli("-m", "+recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float32,float64",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"float32": sweep / "0", "float64": sweep / "1"}
+
+
+@pytest.fixture(scope="module")
+def multirun_2_and_3_ranks(shared_path, tmp_path_factory):
+    """`-m trainer.devices=2,3` with float64 Hessians: two jobs of several ranks each."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
+                     "trainer.devices=2,3", "eval.enabled=false", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def test_multirun_with_several_ranks_makes_one_complete_directory_per_job(multirun_2_and_3_ranks):
+    sweep = multirun_2_and_3_ranks
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith("multirun")) == ["0", "1"]
+    for job, world in (("0", 2), ("1", 3)):
+        names = {p.name for p in (sweep / job).iterdir()}
+        assert {"config.json", "model.safetensors", "report.json", "fabricq_config.yaml"} <= names, names
+        assert not any(n.startswith(".") for n in names)
+        report = json.loads((sweep / job / "report.json").read_text())
+        assert report["distributed"]["world_size"] == world
+        assert len(report["distributed"]["layers"]) == 5
+        # Every rank of every layer solved something it was assigned; owners are valid ranks.
+        for layer in report["distributed"]["layers"]:
+            assert {g["owner"] for g in layer["groups"]} <= set(range(world))
+        assert report["distributed"]["bytes_sent"]["hessian_reduce"] > 0
+
+
+def test_float64_hessians_give_bit_identical_checkpoints_on_1_2_3_ranks(one_rank_runs, multirun_2_and_3_ranks):
+    reference = one_rank_runs["float64"]
+    _assert_identical(reference, multirun_2_and_3_ranks / "0")
+    _assert_identical(reference, multirun_2_and_3_ranks / "1")
+
+
+PROBE = """
+import os, sys
+import fabricq.export, fabricq.distributed
+from fabricq.__main__ import main
+
+log = os.environ["PROBE_LOG"]
+save = fabricq.export.save_compressed_checkpoint
+
+def recording_save(*args, **kwargs):
+    with open(log, "a") as f:
+        f.write(f"save by rank {fabricq.distributed.rank_label()}\\n")
+    return save(*args, **kwargs)
+
+fabricq.export.save_compressed_checkpoint = recording_save
+fail_rank = os.environ.get("PROBE_FAIL_RANK")
+solve = fabricq.distributed.DistributedGPTQCallback._solve_group
+
+def failing_solve(self, names):
+    if str(self.rank) == fail_rank and "layers.1." in names[0]:
+        raise RuntimeError("injected failure")
+    return solve(self, names)
+
+fabricq.distributed.DistributedGPTQCallback._solve_group = failing_solve
+main()
+"""
+
+
+def _run_probe(tmp_path: Path, args, fail_rank: str | None = None, timeout: int = 300):
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(PROBE))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PROBE_LOG": str(tmp_path / "log.txt"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    if fail_rank is not None:
+        env["PROBE_FAIL_RANK"] = fail_rank
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(script), *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    return result, time.perf_counter() - start
+
+
+def test_two_ranks_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_runs, shared_path, tmp_path):
+    out = tmp_path / "out"
+    result, _ = _run_probe(tmp_path, ["+recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+                                      "trainer.strategy=ddp", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "log.txt").read_text() == "save by rank rank 0/2: \n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "out", "probe.py"]
+
+    ref_dir = one_rank_runs["float32"]
+    ref, got = _tensors(ref_dir), _tensors(out)
+    assert ref.keys() == got.keys()
+    agree = total = 0
+    for key in (k for k in ref if k.endswith(".weight_packed")):
+        cols = int(ref[key.replace("_packed", "_shape")][1])
+        a, b = unpack_int32(ref[key], 4, cols, dim=1), unpack_int32(got[key], 4, cols, dim=1)
+        agree += int((a == b).sum())
+        total += a.numel()
+    assert agree / total >= 0.999, agree / total
+    ref_report = json.loads((ref_dir / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    for name, stats in ref_report["modules"].items():
+        assert report["modules"][name]["loss"] == pytest.approx(stats["loss"], rel=1e-3), name
+        assert report["modules"][name]["tokens"] == stats["tokens"] == 13 * 64
+    # Evaluation sharded over the ranks gives the one-rank numbers.
+    assert report["ppl_before"] == pytest.approx(ref_report["ppl_before"], rel=1e-9)
+    assert report["eval_tokens"] == ref_report["eval_tokens"]
+    assert report["kl_after"] == pytest.approx(ref_report["kl_after"], rel=1e-3, abs=1e-6)
+    # The dequantized checkpoint is what every rank held.
+    assert set(load_dequantized_state_dict(out)) == set(load_dequantized_state_dict(ref_dir))
+
+
+def test_a_failing_rank_is_named_and_the_run_stops(shared_path, tmp_path):
+    out = tmp_path / "out"
+    result, seconds = _run_probe(tmp_path, ["+recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+                                            "eval.enabled=false", f"output_dir={out}"], fail_rank="1", timeout=240)
+    assert result.returncode != 0
+    assert "fabricq: error: rank 1/2: failed: RuntimeError: injected failure" in result.stderr
+    assert not out.exists()
+    assert seconds < 180
+
+
+def test_mismatched_configs_across_ranks_are_refused(shared_path, tmp_path):
+    """Two processes started by hand (as a launcher would) with different overrides."""
+    port = 29500 + os.getpid() % 1000
+    procs = []
+    for rank, bits in ((0, 4), (1, 8)):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fabricq", "+recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+             f"quant.bits={bits}", "eval.enabled=false", f"output_dir={tmp_path / 'out'}"],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert "the resolved config differs between ranks" in outputs[0][1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_distributed_input_fails_before_launch():
+    result = run_cli("+recipe=gptq_w4", "trainer.strategy=horovod", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fabricq: error: trainer.strategy must be one of")
+    result = run_cli("+recipe=gptq_w4", "trainer.num_nodes=2", timeout=120)
+    assert result.returncode == 2 and "needs a multi-node launch" in result.stderr
