@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,23 +42,29 @@ def run_once(ranks: int, args, out: Path) -> dict:
     if args.model:
         cmd.append(f"model.path={args.model}")
     start = time.perf_counter()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=not args.verbose)
     process_s = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     report = json.loads((out / "report.json").read_text())
     if ranks == 1:
         gptq_s = sum(m["seconds"] for m in report["modules"].values())
         bytes_sent = {}
         balance = None
+        cpu_per_rank = [cpu_s]
     else:
         layers = report["distributed"]["layers"]
         gptq_s = sum(layer["wall_s"] for layer in layers)
         bytes_sent = report["distributed"]["bytes_sent"]
+        cpu_per_rank = report["distributed"].get("cpu_s_per_rank")
         balance = sum(layer["achieved_makespan_s"] for layer in layers) / sum(
             sum(layer["achieved_per_rank_s"]) / ranks for layer in layers)
     return {
         "ranks": ranks, "process_s": process_s, "wall_s": report["wall_s"],
         "quantize_s": report["timings"]["quantize_s"], "gptq_s": gptq_s, "bytes_sent": bytes_sent,
         "solve_makespan_over_ideal": balance, "ppl_after": report.get("ppl_after"),
+        "cpu_s_all_processes": cpu_s, "cpu_s_per_rank": cpu_per_rank,
     }
 
 
@@ -105,6 +112,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['phase']} | {r['one_rank_s']:.1f} | {r['ranks_s']:.1f} | {r['speedup']:.2f}x |")
     multi = [r for r in runs if r["ranks"] == args.ranks][-1]
+    single = [r for r in runs if r["ranks"] == 1][-1]
+    print(f"\nCPU seconds: 1 rank {single['cpu_s_all_processes']:.0f}; {args.ranks} ranks {multi['cpu_s_all_processes']:.0f} "
+          f"in all (per rank until export: {multi['cpu_s_per_rank']}). Wall-clock ratios depend on how much CPU "
+          "other processes took; the load average is printed above.")
     total = sum(multi["bytes_sent"].values())
     print(f"\nbytes communicated per run: {total / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in multi['bytes_sent'].items())}); "
           f"solve makespan / ideal {multi['solve_makespan_over_ideal']:.3f}")

@@ -187,7 +187,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
 
     if isinstance(gptq, distributed.DistributedGPTQCallback):
-        report["distributed"] = {**gptq.report, "bytes_sent": distributed.gather_bytes(fabric, gptq)}
+        report["distributed"] = {**gptq.report, **distributed.gather_totals(fabric, gptq)}
     if rank != 0:  # only rank 0 writes; the others wait for it at the final barrier
         distributed.finish(fabric)
         return report

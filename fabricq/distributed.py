@@ -24,7 +24,6 @@ brute force and simulated on Llama-3 shapes in `benchmarks/assignment_sim.py`.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import math
 import os
@@ -94,6 +93,8 @@ def validate_trainer(trainer: DictConfig, data: DictConfig, environ=os.environ) 
         raise FabricqError(f"trainer.balance must be measured or analytic, got {trainer.balance!r}")
 
     devices = trainer.devices
+    if trainer.strategy == "fsdp" and not _uses_cuda(trainer.accelerator):
+        raise FabricqError("trainer.strategy=fsdp needs CUDA devices (Fabric's FSDP is GPU-only): use ddp on CPU")
     if _uses_cuda(trainer.accelerator):
         available = torch.cuda.device_count()
         if devices > available:
@@ -493,14 +494,22 @@ class DistributedGPTQCallback(GPTQCallback):
     @property
     def report(self) -> dict:
         return {"world_size": self.world_size, "upper_triangle": self.upper_triangle,
-                "bytes_sent_rank": self.rank, "bytes_sent": dict(self.bytes), "layers": self.layers}
+                "bytes_sent": dict(self.bytes), "layers": self.layers}
 
 
-def gather_bytes(fabric, callback: DistributedGPTQCallback) -> dict:
-    """Bytes each rank sent (reduce payloads to other owners, broadcasts it sourced), summed."""
-    totals = [None] * fabric.world_size
-    torch.distributed.all_gather_object(totals, callback.bytes)
-    return {k: sum(t[k] for t in totals) for k in totals[0]}
+def gather_totals(fabric, callback: DistributedGPTQCallback) -> dict:
+    """Bytes sent, summed over ranks (reduce payloads to other owners, broadcasts a rank sourced,
+    metadata), and each rank's CPU seconds so far (how evenly the work was shared)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    mine = {"bytes": callback.bytes, "cpu_s": usage.ru_utime + usage.ru_stime}
+    parts = [None] * fabric.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    return {
+        "bytes_sent": {k: sum(p["bytes"][k] for p in parts) for k in parts[0]["bytes"]},
+        "cpu_s_per_rank": [round(p["cpu_s"], 2) for p in parts],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
