@@ -517,21 +517,25 @@ def gather_totals(fabric, callback: DistributedGPTQCallback) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_sharded(fabric, model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None) -> dict:
+def evaluate_sharded(fabric, model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None,
+                     desc: str | None = None) -> dict:
     """`fabricq.evaluate.evaluate` with the windows split over ranks (contiguous shards) and the
     sums combined: the same perplexity and KL as one rank up to float rounding. The log-probs
-    kept for the KL stay on the rank that computed them (`reference` is that rank's list)."""
+    kept for the KL stay on the rank that computed them (`reference` is that rank's list).
+    Only rank 0 shows the progress bar (`desc`)."""
     from fabricq.evaluate import evaluate
 
+    progress = {"desc": desc} if desc else {}
     if fabric.world_size == 1:
-        return evaluate(model, windows, device, keep=keep, reference=reference)
+        return evaluate(model, windows, device, keep=keep, reference=reference, **progress)
     shard = shard_batches(len(windows), fabric.world_size)[fabric.global_rank]
     local = windows[shard.start : shard.stop]
     local_keep = max(0, min(keep, shard.stop) - shard.start)
     totals = torch.zeros(4, dtype=torch.float64)
     kept: list = []
     if len(local):
-        result = evaluate(model, local, device, keep=local_keep, reference=reference or None)
+        result = evaluate(model, local, device, keep=local_keep, reference=reference or None,
+                          **(progress if fabric.global_rank == 0 else {}))
         kept = result["logprobs"]
         totals[0] = math.log(result["ppl"]) * result["tokens"]
         totals[1] = result["tokens"]
