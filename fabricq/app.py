@@ -150,7 +150,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        before = distributed.evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows)
+        before = distributed.evaluate_sharded(
+            fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before"
+        )
         model.to("cpu")
         reference = before.pop("logprobs")
         report["ppl_before"] = before["ppl"]
@@ -179,7 +181,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        after = distributed.evaluate_sharded(fabric, model, text.evaluation, fabric.device, reference=reference)
+        after = distributed.evaluate_sharded(
+            fabric, model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after"
+        )
         model.to("cpu")
         report["ppl_after"] = after["ppl"]
         report["kl_after"] = after["kl"]
