@@ -40,6 +40,12 @@ class _StopForward(Exception):
     pass
 
 
+class StopLayerForward(Exception):
+    """Raised by a callback's hook inside a calibration forward once it has observed all it
+    needs from the batch: the rest of the layer is skipped and that batch's output is recomputed
+    by the error-propagation pass, which then always runs."""
+
+
 @dataclass
 class LayerInputs:
     """What a decoder layer is called with, for each batch: hidden states and keyword arguments
@@ -100,7 +106,10 @@ class CalibrationLoop:
     def _forward(self, layer: nn.Module, inputs: LayerInputs, index: int, observe: bool) -> list[torch.Tensor]:
         outputs = []
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-            outputs.append(_layer_output(layer(hidden, **kwargs)))
+            try:
+                outputs.append(_layer_output(layer(hidden, **kwargs)))
+            except StopLayerForward:
+                outputs.append(None)
             if observe:
                 self._fire("on_batch_end", index, b)
         return outputs
@@ -126,7 +135,7 @@ class CalibrationLoop:
             self._fire("on_layer_start", index, layer)
             outputs = self._forward(layer, inputs, index, observe=True) if observe else None
             changed = any(self._fire("on_layer_end", index, layer))
-            if observe and changed and index < last:
+            if observe and index < last and (changed or any(o is None for o in outputs)):
                 # Error propagation: the next layer sees the quantized layer's outputs.
                 outputs = self._forward(layer, inputs, index, observe=False)
             inputs = LayerInputs(outputs, inputs.kwargs) if observe else None

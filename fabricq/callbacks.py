@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from fabricq.calibration import Callback, CalibrationLoop
+from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objective, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
@@ -26,21 +26,29 @@ class SharedInputHessians:
     share is learnt from the first batch (same tensor object → same group), for any architecture.
     References to the batch's inputs are held until `end_batch` so a freed tensor's id cannot be
     reused by a different input within the batch.
+
+    From the second batch on, once the last module (in call order) has given its input, the rest
+    of the layer's calibration forward is skipped (`StopLayerForward`): its output would be
+    discarded anyway, as the quantized layer is forwarded again for the next layer.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype):
+    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype, stop_early: bool = True):
         self.modules = modules
+        self.stop_early = stop_early
         self.dtype = dtype
         self.leader: dict[str, str] = {}  # module → module whose accumulator it uses
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._grouped = False
+        self._order: list[str] = []  # call order in the first batch
+        self._stop_after: str | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def observe(module, args):
             x = args[0]
             if not self._grouped:
+                self._order.append(name)
                 seen = self._seen.get(id(x))
                 if seen is not None and seen[1] is x:
                     self.leader[name] = seen[0]
@@ -48,14 +56,20 @@ class SharedInputHessians:
                 self._seen[id(x)] = (name, x)
                 self.leader[name] = name
                 self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
-            elif self.leader[name] != name:
+                self.accumulators[name].add(x)
                 return
-            self.accumulators[name].add(x)
+            if self.leader[name] == name:
+                self.accumulators[name].add(x)
+            if name == self._stop_after:
+                raise StopLayerForward
 
         return observe
 
     def end_batch(self) -> None:
         self._seen.clear()
+        once = len(set(self._order)) == len(self._order) == len(self.modules)
+        if self.stop_early and not self._grouped and once:
+            self._stop_after = self._order[-1]  # every module runs once per forward
         self._grouped = True
 
     def hessian(self, name: str) -> torch.Tensor:
@@ -139,14 +153,16 @@ class GPTQCallback(Callback):
                 block_size=self.settings.block_size, damp=self.settings.damp,
                 scale_dtype=scale_dtype, name=name,
             )
-            dequantized = result.dequantize().to(weight.device)
+            dequantized = result.dequantize().to(weight.device)  # reused for the new weight below
             rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
             stats = {
                 "loss": layer_objective(weight, dequantized, h),
                 "rtn_loss": layer_objective(weight, rtn, h),
                 "tokens": hessians.accumulators[hessians.leader[name]].tokens,
             }
-        module.weight.data = result.dequantize().to(device=weight.device, dtype=weight.dtype)
+        if hessians is None:
+            dequantized = result.dequantize()
+        module.weight.data = dequantized.to(device=weight.device, dtype=weight.dtype)
         self.quantized[name] = result
         self.stats[name] = {
             **stats,

@@ -103,3 +103,28 @@ def test_width_mismatch_is_an_error():
     acc = HessianAccumulator(4)
     with pytest.raises(RuntimeError):
         acc.add(torch.randn(3, 5))
+
+
+def test_wide_inputs_accumulate_lower_strips_and_read_back_full():
+    # Wide enough for the strip path (lower triangle only, mirrored on read); 301 splits unevenly.
+    from fabricq.quant.hessian import MIN_STRIPPED_WIDTH
+
+    columns = 301
+    assert columns >= MIN_STRIPPED_WIDTH
+    batches = _batches(columns, [(64,), (3, 50), (1,), (200,)], seed=5)
+    acc = HessianAccumulator(columns)
+    for b in batches:
+        acc.add(b)
+    expected, tokens = _reference(batches)
+    h = acc.mean()
+    torch.testing.assert_close(h.double(), expected, rtol=2e-6, atol=2e-6 * expected.abs().max().item())
+    assert torch.equal(h, h.T)
+    # Reading the sum, changing it in place (as a collective's reduction does), then adding more
+    # keeps both: the upper triangle is mirrored from the updated lower triangle.
+    acc.sum.mul_(2)
+    extra = _batches(columns, [(40,)], seed=6)
+    acc.add(extra[0])
+    both, _ = _reference(batches + batches + extra)
+    merged = acc.sum.double() / (2 * tokens + 40)
+    torch.testing.assert_close(merged, both, rtol=2e-6, atol=2e-6 * both.abs().max().item())
+    assert torch.equal(acc.sum, acc.sum.T)

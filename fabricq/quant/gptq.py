@@ -102,6 +102,39 @@ def _block_boundaries(columns: int, block_size: int, group_starts: list[int]) ->
     return sorted(e for e in edges if 0 <= e <= columns)
 
 
+def _solve_block(w, codes, col_scale, col_zero, upper, i1: int, i2: int, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize columns i1..i2 of `w` one at a time (codes into `codes`), each column's error
+    spread over the block's later columns; returns the block's scaled errors (rows, i2 - i1).
+
+    The arithmetic is `quantize_codes` / `dequantize_codes` column by column; it works in
+    transposed, contiguous (columns, rows) buffers so every per-column step reads and writes one
+    contiguous row, and the error spreading is a single in-place rank-1 update (`addr_`)."""
+    block = w[:, i1:i2].T.contiguous()  # (block columns, rows)
+    scale = col_scale[:, i1:i2].T.contiguous()
+    zero = None if scheme.symmetric else col_zero[:, i1:i2].T.contiguous()
+    errors = torch.empty_like(block)
+    block_codes = torch.empty_like(block)
+    u_block = upper[i1:i2, i1:i2]
+    inv_diag = (1.0 / u_block.diagonal()).tolist()
+    qmin, qmax = scheme.qmin, scheme.qmax
+    for i in range(i2 - i1):
+        column, s, q, err = block[i], scale[i], block_codes[i], errors[i]
+        torch.div(column, s, out=q).round_()
+        if zero is not None:
+            q.add_(zero[i])
+        q.clamp_(qmin, qmax)
+        # err = (w - (q - z)·s) / d
+        if zero is None:
+            torch.mul(q, s, out=err)
+        else:
+            torch.sub(q, zero[i], out=err).mul_(s)
+        err.sub_(column).mul_(-inv_diag[i])
+        if i + 1 < i2 - i1:
+            block[i + 1 :].addr_(u_block[i, i + 1 :], err, alpha=-1)
+    codes[:, i1:i2] = block_codes.T
+    return errors.T
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -181,20 +214,9 @@ def gptq_quantize(
             end = min(i1 + size, columns)
             col_scale[:, i1:end] = scale[:, None]
             col_zero[:, i1:end] = zero[:, None]
-        block = w[:, i1:i2].clone()
-        errors = torch.empty_like(block)
-        u_block = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column = block[:, i]
-            d = u_block[i, i]
-            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            q = quantize_codes(column, s, z, scheme)
-            codes[:, i1 + i] = q
-            err = (column - dequantize_codes(q, s, z)) / d
-            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = err
+        errors = _solve_block(w, codes, col_scale, col_zero, upper, i1, i2, scheme)
         # Lazy batch update: the rest of the matrix learns of this block's errors at once.
-        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+        w[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
 
     inverse_perm = torch.argsort(perm)
     codes = codes[:, inverse_perm]

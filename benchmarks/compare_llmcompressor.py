@@ -1,0 +1,414 @@
+"""fabricq vs llm-compressor: GPTQ W4A16 on the same model and the same calibration tokens.
+
+    python benchmarks/compare_llmcompressor.py                       # 128 × 512 tokens, A B A B
+    python benchmarks/compare_llmcompressor.py --repeats 1 --max-windows 8
+    python benchmarks/compare_llmcompressor.py --num-samples 16 --repeats 1 --max-windows 2  # quick
+
+One invocation: tokenizes the calibration text once (with fabricq's own data code and config,
+so it is exactly the windows `python -m fabricq` draws; fabricq's report fingerprints them and the
+script checks the fingerprint), hands the same ids to llm-compressor, then runs both tools as
+subprocesses with OMP_NUM_THREADS=--threads, repeats interleaved (llm-compressor, fabricq, ...).
+Each run's wall time is measured around the whole process (imports, load, calibration, solves,
+writing the compressed checkpoint) and its peak RSS comes from the kernel (wait4). Afterwards
+the last checkpoint of each tool is read back with the SAME reader
+(`fabricq.export.load_dequantized_state_dict`, dense dequantized weights) and evaluated with the
+SAME evaluator (`fabricq.evaluate`) on WikiText-2 test windows, so perplexities are comparable.
+
+llm-compressor pins transformers<=5.17 and compressed-tensors==0.19.0, so it lives in its own
+virtual environment, created on first use in benchmarks/.venv-llmcompressor (gitignored):
+`python -m venv DIR && DIR/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`.
+
+The FLOP floor: the script counts the floating-point work of fabricq's run (decoder forward
+passes as fabricq runs them, Hessian products, GPTQ solves), measures this CPU's matrix-product
+rate with the same thread count in float32 and bfloat16, and prints fabricq's time / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DEFAULT_CALIB = SHARED / "c4-train-sample.jsonl"
+DEFAULT_EVAL = SHARED / "wikitext-2-raw-test.txt"
+DEFAULT_VENV = REPO / "benchmarks" / ".venv-llmcompressor"
+PEER_RUNNER = REPO / "benchmarks" / "llmcompressor_runner.py"
+PEER_REQUIREMENTS = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
+sys.path.insert(0, str(REPO))  # this checkout's fabricq, as `python -m fabricq` from REPO runs
+
+
+def _quantize_module():
+    """benchmarks/quantize.py, for its machine description and Hydra quoting."""
+    spec = importlib.util.spec_from_file_location("fabricq_bench_quantize", REPO / "benchmarks" / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _quantize_module()
+
+
+# ---------------------------------------------------------------- the peer's environment
+
+
+def ensure_peer_venv(venv: Path) -> Path:
+    """The venv's python, creating and installing llm-compressor into it if needed."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import llmcompressor, torch; print(torch.__version__)"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"# creating {venv} (llm-compressor's own environment; takes a few minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", *PEER_REQUIREMENTS], check=True)
+    subprocess.run(probe, check=True)
+    return python
+
+
+# ---------------------------------------------------------------- processes
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def run_measured(cmd: list[str], log_path: Path, threads: int, cwd: Path) -> dict:
+    """Run `cmd` to completion; wall time around the process and its peak RSS from wait4."""
+    print("$", " ".join(cmd), flush=True)
+    with open(log_path, "w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; log {log_path}:\n" + "\n".join(tail))
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "log": str(log_path)}
+
+
+def fabricq_overrides(args, output_dir: Path | None = None) -> list[str]:
+    q = BENCH.hydra_value
+    result = [
+        "+recipe=gptq_w4",
+        f"quant.group_size={args.group_size}",
+        "quant.damp=0.01",
+        "quant.block_size=128",
+        "quant.actorder=static",
+        f"data.path={q(Path(args.calib).resolve())}",
+        f"data.num_samples={args.num_samples}",
+        f"data.seq_len={args.seq_len}",
+        f"data.batch_size={args.batch_size}",
+        "eval.enabled=false",
+        f"eval.seq_len={args.eval_seq_len}",
+    ]
+    if args.model:
+        result.append(f"model.path={q(Path(args.model).resolve())}")
+    if output_dir is not None:
+        result += [f"output_dir={q(output_dir)}", "overwrite=true"]
+    return result
+
+
+def run_fabricq(args, run_dir: Path, repeat: int) -> dict:
+    out = run_dir / f"fabricq-{repeat}"
+    cmd = [sys.executable, "-m", "fabricq", *fabricq_overrides(args, out)]
+    result = run_measured(cmd, run_dir / f"fabricq-{repeat}.log", args.threads, REPO)
+    report = json.loads((out / "report.json").read_text())
+    result.update(tool="fabricq", repeat=repeat, checkpoint=str(out), calibration=report["calibration"],
+                  timings=report["timings"], internal_wall_s=report["wall_s"])
+    return result
+
+
+def run_peer(args, python: Path, model_dir: Path, ids_path: Path, run_dir: Path, repeat: int) -> dict:
+    out = run_dir / f"llmcompressor-{repeat}"
+    result_path = run_dir / f"llmcompressor-{repeat}.json"
+    cmd = [str(python), str(PEER_RUNNER), "--model", str(model_dir), "--ids", str(ids_path), "--out", str(out),
+           "--result", str(result_path), "--group-size", str(args.group_size), "--batch-size", str(args.batch_size)]
+    result = run_measured(cmd, run_dir / f"llmcompressor-{repeat}.log", args.threads, REPO)
+    inner = json.loads(result_path.read_text())
+    result.update(tool="llm-compressor", repeat=repeat, checkpoint=str(out), timings=inner["timings"],
+                  internal_wall_s=inner["wall_s"], applied=inner["applied"], block_size=inner["block_size"],
+                  dampening_frac=inner["dampening_frac"])
+    return result
+
+
+# ---------------------------------------------------------------- data and quality
+
+
+def fabricq_config(args):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "fabricq" / "conf"), version_base=None):
+        return compose("config", overrides=fabricq_overrides(args))
+
+
+def fingerprint(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def check_peer_applied(applied: dict, group_size: int) -> list[str]:
+    """Problems with what llm-compressor really applied (empty: W4 symmetric, group, static)."""
+    problems = []
+    for name, a in applied.items():
+        if "lm_head" in name:
+            problems.append(f"{name} was quantized")
+        expected_groups = a["columns"] // group_size
+        if (a["num_bits"], a["symmetric"], a["strategy"], a["group_size"], a["actorder"], a["scale_groups"]) != (
+            4, True, "group", group_size, "static", expected_groups
+        ):
+            problems.append(f"{name}: {a}")
+    return problems
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    from fabricq.evaluate import evaluate
+
+    return evaluate(model, windows, torch.device("cpu"))["ppl"]
+
+
+def load_checkpoint_into(model, checkpoint: Path) -> None:
+    """Dense dequantized weights of a pack-quantized checkpoint into `model` (same reader for both)."""
+    from fabricq.export import load_dequantized_state_dict
+
+    tensors = load_dequantized_state_dict(checkpoint)
+    state = model.state_dict()
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    missing = [n for n in linear if f"{n}.weight" not in tensors]
+    if missing:
+        raise RuntimeError(f"{checkpoint} lacks {len(missing)} Linear weights, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name in linear:
+            state[f"{name}.weight"].copy_(tensors[f"{name}.weight"].to(state[f"{name}.weight"].dtype))
+
+
+# ---------------------------------------------------------------- the FLOP floor
+
+
+def count_flops(model, samples: int, seq_len: int) -> dict:
+    """Floating-point work of fabricq's GPTQ run on `model` (multiply-add = 2 FLOPs).
+
+    forward: every decoder layer's Linear products and attention (causal: half of QKᵀ and AV)
+    for every calibration token, twice per layer (calibration pass, error-propagation pass)
+    except the last layer, which needs no propagation. hessian: one full X·Xᵀ per distinct
+    input of a layer (q/k/v share one, gate/up share one). solve: per module, the GPTQ column
+    updates (rows·cols²) and the factorisations of the cols×cols Hessian (~cols³)."""
+    from fabricq.models import decoder_layers, linear_modules
+
+    layers = decoder_layers(model)
+    config = model.config
+    tokens = samples * seq_len
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    attention = 2 * 2 * heads * head_dim * samples * seq_len * seq_len / 2  # QKᵀ and AV, causal half
+    forward = hessian = solve = 0.0
+    for index, layer in enumerate(layers):
+        modules = linear_modules(layer, str(index))
+        passes = 1 if index == len(layers) - 1 else 2
+        forward += passes * (sum(2 * m.in_features * m.out_features * tokens for m in modules.values()) + attention)
+        # Distinct inputs: modules sharing an input width and consecutive call site (q/k/v,
+        # gate/up) share one Hessian in fabricq; count them by projection family.
+        inputs = {}
+        for name, m in modules.items():
+            leaf = name.rsplit(".", 1)[-1]
+            key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(leaf, leaf)
+            inputs[key] = m.in_features
+        hessian += sum(2 * tokens * c * c for c in inputs.values())
+        solve += sum(2 * m.out_features * m.in_features ** 2 + m.in_features ** 3 for m in modules.values())
+    return {"forward": forward, "hessian": hessian, "solve": solve, "total": forward + hessian + solve}
+
+
+def matmul_rate(dtype: torch.dtype, shapes, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of (m×k)·(k×n) products in `dtype` on the current thread count."""
+    done, elapsed = 0.0, 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b  # warm-up
+        reps, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if time.perf_counter() - start > seconds / len(shapes):
+                break
+        elapsed += time.perf_counter() - start
+        done += reps * 2 * m * k * n
+    return done / elapsed
+
+
+def measure_rates(threads: int, hidden: int, intermediate: int) -> dict:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        f32_shapes = [(4096, hidden, hidden), (4096, hidden, intermediate), (hidden, 4096, hidden)]
+        bf16_shapes = [(512, hidden, hidden)]  # small: bf16 may be emulated (slow) on CPUs without it
+        return {"float32": matmul_rate(torch.float32, f32_shapes), "bfloat16": matmul_rate(torch.bfloat16, bf16_shapes)}
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- report
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hugging Face model folder (default: fabricq's default, SmolLM2-135M-Instruct)")
+    p.add_argument("--calib", default=str(DEFAULT_CALIB), help="calibration .jsonl (default: %(default)s)")
+    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="evaluation text (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward, both tools")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2, help="runs per tool, interleaved A B A B")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows evaluated (0: all)")
+    p.add_argument("--eval-threads", type=int, default=os.cpu_count(), help="threads of the (untimed) evaluation")
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/compare_llmcompressor-<time>.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for path, what in ((args.calib, "--calib"), (args.eval, "--eval")):
+        if not Path(path).is_file():
+            print(f"compare_llmcompressor: error: {what} {path} does not exist", file=sys.stderr)
+            return 2
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out or REPO / "benchmarks" / "results" / f"compare_llmcompressor-{stamp}.json").resolve()
+    run_dir = out.with_suffix("")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    peer_python = ensure_peer_venv(args.venv)
+
+    from fabricq.data import evaluation_windows, prepare_text, tokenize_stream
+    from fabricq.models import _materialise_gguf, load_model, load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(args.model)
+    if source.gguf_file:
+        source = _materialise_gguf(source)  # the peer needs a plain Hugging Face folder
+    tokenizer = load_tokenizer(source)
+    cfg = fabricq_config(args)
+    ids = prepare_text(tokenizer, cfg.data, cfg.eval).calibration
+    ids_path = run_dir / "calibration_ids.pt"
+    torch.save(ids, ids_path)
+    digest = fingerprint(ids)
+
+    machine = BENCH.machine_info(args.threads)
+    machine["load_before"] = load_average()
+    print(f"# {machine['cpu']} · {machine['logical_cores']} cores · {args.threads} thread(s) per run · model "
+          f"{source.folder.name} · calibration {tuple(ids.shape)} sha256 {digest[:12]} · load {machine['load_before']}",
+          flush=True)
+
+    runs = []
+    for repeat in range(args.repeats):
+        runs.append(run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat))
+        print(f"  llm-compressor #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+        runs.append(run_fabricq(args, run_dir, repeat))
+        print(f"  fabricq        #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+    load_after = load_average()
+
+    fab = [r for r in runs if r["tool"] == "fabricq"]
+    peer = [r for r in runs if r["tool"] == "llm-compressor"]
+    if any(r["calibration"]["sha256"] != digest for r in fab):
+        raise RuntimeError("fabricq calibrated on different token windows than llm-compressor")
+    problems = check_peer_applied(peer[-1]["applied"], args.group_size)
+    if problems:
+        raise RuntimeError("llm-compressor did not apply W4 symmetric group static act-order: " + "; ".join(problems[:5]))
+
+    # Quality: the same reader and evaluator for the original model and both checkpoints.
+    torch.set_num_threads(args.eval_threads)
+    eval_file = Path(args.eval)
+    stream = tokenize_stream(tokenizer, [eval_file.read_text(encoding="utf-8")])
+    windows = evaluation_windows(stream, args.eval_seq_len, args.max_windows or None)
+    model = load_model(source)
+    ppl = {"original": perplexity(model, windows)}
+    for tool, tool_runs in (("fabricq", fab), ("llm-compressor", peer)):
+        load_checkpoint_into(model, Path(tool_runs[-1]["checkpoint"]))
+        ppl[tool] = perplexity(model, windows)
+        print(f"  perplexity {tool}: {ppl[tool]:.4f}", flush=True)
+
+    # The floor.
+    flops = count_flops(model, *ids.shape)
+    rates = measure_rates(args.threads, model.config.hidden_size, model.config.intermediate_size)
+    best_rate = max(rates.values())
+    floor_s = flops["total"] / best_rate
+    del model
+
+    rows = []
+    for tool, tool_runs in (("llm-compressor", peer), ("fabricq", fab)):
+        rows.append({
+            "tool": tool,
+            "wall_s": median([r["wall_s"] for r in tool_runs]),
+            "wall_runs": [round(r["wall_s"], 1) for r in tool_runs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in tool_runs),
+            "ppl": ppl[tool],
+        })
+    peer_row, fab_row = rows
+    ratios = {
+        "wall": fab_row["wall_s"] / peer_row["wall_s"],
+        "wall_per_repeat": [f["wall_s"] / p["wall_s"] for f, p in zip(fab, peer)],
+        "peak_rss": fab_row["peak_rss_mib"] / peer_row["peak_rss_mib"],
+        "ppl": fab_row["ppl"] / peer_row["ppl"],
+        "fabricq_over_floor": fab_row["wall_s"] / floor_s,
+    }
+
+    print()
+    print(f"{'tool':<15} {'wall s (runs)':>24} {'peak RSS MiB':>13} {'WikiText-2 ppl':>15}")
+    for row in rows:
+        walls = ", ".join(f"{w:.1f}" for w in row["wall_runs"])
+        print(f"{row['tool']:<15} {row['wall_s']:>8.1f} ({walls:>12}) {row['peak_rss_mib']:>13.0f} {row['ppl']:>15.4f}")
+    print(f"{'original':<15} {'':>24} {'':>13} {ppl['original']:>15.4f}")
+    print(f"\nfabricq / llm-compressor: wall ×{ratios['wall']:.3f} (per repeat "
+          f"{', '.join(f'{r:.3f}' for r in ratios['wall_per_repeat'])}), peak RSS ×{ratios['peak_rss']:.3f}, "
+          f"perplexity ×{ratios['ppl']:.4f}")
+    print(f"work of fabricq's run: {flops['total'] / 1e12:.2f} TFLOP (forward {flops['forward'] / 1e12:.2f}, "
+          f"Hessians {flops['hessian'] / 1e12:.2f}, solves {flops['solve'] / 1e12:.3f}); matrix products "
+          f"{rates['float32'] / 1e9:.1f} GFLOP/s float32, {rates['bfloat16'] / 1e9:.1f} GFLOP/s bfloat16 "
+          f"({args.threads} thread(s)); floor {floor_s:.1f} s; fabricq / floor ×{ratios['fabricq_over_floor']:.2f}")
+    print(f"load average before {machine.get('load_before')} after {load_after}")
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {
+        "settings": settings, "machine": machine, "model": str(source.folder),
+        "calibration": {"shape": list(ids.shape), "sha256": digest},
+        "peer_settings": {"block_size": peer[-1]["block_size"], "dampening_frac": peer[-1]["dampening_frac"],
+                          "applied_example": next(iter(peer[-1]["applied"].values()))},
+        "summary": rows, "perplexity": ppl, "ratios": ratios,
+        "flops": flops, "matmul_flops_per_s": rates, "floor_s": floor_s,
+        "load_average_after": load_after, "runs": runs,
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"Wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
