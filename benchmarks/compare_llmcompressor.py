@@ -18,6 +18,9 @@ llm-compressor pins transformers<=5.17 and compressed-tensors==0.19.0, so it liv
 virtual environment, created on first use in benchmarks/.venv-llmcompressor (gitignored):
 `python -m venv DIR && DIR/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`.
 
+Each finished run is appended to <out>/runs.jsonl at once: rerunning with the same --out resumes
+an interrupted comparison without repeating its runs.
+
 The FLOP floor: the script counts the floating-point work of fabricq's run (decoder forward
 passes as fabricq runs them, Hessian products, GPTQ solves), measures this CPU's matrix-product
 rate with the same thread count in float32 and bfloat16, and prints fabricq's time / floor.
@@ -203,11 +206,12 @@ def load_checkpoint_into(model, checkpoint: Path) -> None:
 def count_flops(model, samples: int, seq_len: int) -> dict:
     """Floating-point work of fabricq's GPTQ run on `model` (multiply-add = 2 FLOPs).
 
-    forward: every decoder layer's Linear products and attention (causal: half of QKᵀ and AV)
-    for every calibration token, twice per layer (calibration pass, error-propagation pass)
-    except the last layer, which needs no propagation. hessian: one full X·Xᵀ per distinct
-    input of a layer (q/k/v share one, gate/up share one). solve: per module, the GPTQ column
-    updates (rows·cols²) and the factorisations of the cols×cols Hessian (~cols³)."""
+    forward: per decoder layer, the calibration pass (every Linear but the last one, whose input
+    is the last thing observed, plus attention with its causal half of QKᵀ and AV) and the
+    error-propagation pass (the whole layer; none after the last layer). hessian: one symmetric
+    X·Xᵀ per distinct input of a layer (q/k/v share one, gate/up share one), counted as its
+    triangle, the least any method must compute. solve: per module, the GPTQ column updates
+    (rows·cols²) and the factorisations of the cols×cols Hessian (~cols³)."""
     from fabricq.models import decoder_layers, linear_modules
 
     layers = decoder_layers(model)
@@ -218,18 +222,18 @@ def count_flops(model, samples: int, seq_len: int) -> dict:
     attention = 2 * 2 * heads * head_dim * samples * seq_len * seq_len / 2  # QKᵀ and AV, causal half
     forward = hessian = solve = 0.0
     for index, layer in enumerate(layers):
-        modules = linear_modules(layer, str(index))
-        passes = 1 if index == len(layers) - 1 else 2
-        forward += passes * (sum(2 * m.in_features * m.out_features * tokens for m in modules.values()) + attention)
-        # Distinct inputs: modules sharing an input width and consecutive call site (q/k/v,
-        # gate/up) share one Hessian in fabricq; count them by projection family.
+        modules = list(linear_modules(layer, str(index)).items())
+        products = [2 * m.in_features * m.out_features * tokens for _, m in modules]
+        calibration = sum(products[:-1]) + attention
+        propagation = 0 if index == len(layers) - 1 else sum(products) + attention
+        forward += calibration + propagation
         inputs = {}
-        for name, m in modules.items():
+        for name, m in modules:
             leaf = name.rsplit(".", 1)[-1]
             key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(leaf, leaf)
             inputs[key] = m.in_features
-        hessian += sum(2 * tokens * c * c for c in inputs.values())
-        solve += sum(2 * m.out_features * m.in_features ** 2 + m.in_features ** 3 for m in modules.values())
+        hessian += sum(tokens * c * (c + 1) for c in inputs.values())
+        solve += sum(2 * m.out_features * m.in_features ** 2 + m.in_features ** 3 for _, m in modules)
     return {"forward": forward, "hessian": hessian, "solve": solve, "total": forward + hessian + solve}
 
 
@@ -327,12 +331,27 @@ def main(argv=None) -> int:
           f"{source.folder.name} · calibration {tuple(ids.shape)} sha256 {digest[:12]} · load {machine['load_before']}",
           flush=True)
 
+    # Every finished run is recorded at once in runs.jsonl, so an interrupted comparison resumes
+    # (same --out and settings) without repeating the runs it has.
+    record = run_dir / "runs.jsonl"
+    done = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    if done and done[0].get("calibration_sha256") != digest:
+        raise RuntimeError(f"{record} was measured on other calibration windows: use another --out")
     runs = []
     for repeat in range(args.repeats):
-        runs.append(run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat))
-        print(f"  llm-compressor #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
-        runs.append(run_fabricq(args, run_dir, repeat))
-        print(f"  fabricq        #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
+        for tool, run in (("llm-compressor", lambda: run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat)),
+                          ("fabricq", lambda: run_fabricq(args, run_dir, repeat))):
+            previous = [r for r in done if r["tool"] == tool and r["repeat"] == repeat]
+            if previous:
+                runs.append(previous[0])
+                print(f"  {tool:<14} #{repeat}: {runs[-1]['wall_s']:.1f} s (recorded in {record.name})", flush=True)
+                continue
+            runs.append(run())
+            runs[-1]["calibration_sha256"] = digest
+            runs[-1]["load_average"] = load_average()
+            with open(record, "a") as handle:
+                handle.write(json.dumps(runs[-1]) + "\n")
+            print(f"  {tool:<14} #{repeat}: {runs[-1]['wall_s']:.1f} s, {runs[-1]['peak_rss_mib']:.0f} MiB", flush=True)
     load_after = load_average()
 
     fab = [r for r in runs if r["tool"] == "fabricq"]

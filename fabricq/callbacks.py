@@ -12,7 +12,7 @@ from torch import nn
 
 from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
 from fabricq.models import linear_modules
-from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objective, rtn_quantize
+from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objectives, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
 from fabricq.quant.hessian import HessianAccumulator
 
@@ -155,9 +155,10 @@ class GPTQCallback(Callback):
             )
             dequantized = result.dequantize().to(weight.device)  # reused for the new weight below
             rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
+            loss, rtn_loss = layer_objectives(weight, [dequantized, rtn], h)
             stats = {
-                "loss": layer_objective(weight, dequantized, h),
-                "rtn_loss": layer_objective(weight, rtn, h),
+                "loss": loss,
+                "rtn_loss": rtn_loss,
                 "tokens": hessians.accumulators[hessians.leader[name]].tokens,
             }
         if hessians is None:
