@@ -163,7 +163,9 @@ class GPTQCallback(Callback):
             }
         if hessians is None:
             dequantized = result.dequantize()
-        module.weight.data = dequantized.to(device=weight.device, dtype=weight.dtype)
+        # In place: loaded weights are often a private memory map of the checkpoint file; writing
+        # into them replaces those pages, where a new tensor would keep both resident.
+        weight.copy_(dequantized.to(device=weight.device, dtype=weight.dtype))
         self.quantized[name] = result
         self.stats[name] = {
             **stats,
