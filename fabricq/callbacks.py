@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
+from fabricq.data import release_freed_memory
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objectives, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
@@ -136,6 +137,7 @@ class GPTQCallback(Callback):
         for name, module in self._targets.items():
             self.quantize_module(name, module, hessians)
         self._hessians = None
+        release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(self._targets)
 
     def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:

@@ -124,9 +124,9 @@ def prepare_text(tokenizer, data_cfg, eval_cfg) -> TextData:
 
 
 def release_freed_memory() -> None:
-    """Hand memory freed by the tokenizer (transient buffers of whole-corpus encodings, ~130 MB
-    for the C4 sample) back to the OS: glibc keeps it in the heap otherwise, and it would count in
-    the run's peak RSS next to the model that is loaded afterwards. No-op off glibc."""
+    """Hand freed heap memory back to the OS: glibc keeps it otherwise, and it counts in the run's
+    peak RSS (the tokenizer's transient buffers of whole-corpus encodings, ~130 MB for the C4
+    sample; each calibrated layer's activations and Hessians). No-op off glibc."""
     import ctypes
     import gc
 

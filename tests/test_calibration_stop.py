@@ -74,3 +74,19 @@ def test_stopped_batches_are_recomputed_even_if_the_layer_did_not_change():
         reference = model(input_ids=SAMPLES, use_cache=False, output_hidden_states=True).hidden_states[-2]
     assert len(outputs) == 3 and all(o is not None for o in outputs)  # 3 batches, stopped at q_proj
     torch.testing.assert_close(torch.cat(outputs), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_updates_weights_in_place():
+    # The loaded weights may be a private memory map of the checkpoint: writing into them keeps
+    # one resident copy, where a new tensor per module would add a second (peak RSS).
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    before = {name: m.weight.data_ptr() for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    originals = {name: m.weight.detach().clone() for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    gptq = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 16, True, "static")))
+    CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[gptq]).run()
+    for name, m in layer.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.data_ptr() == before[name]
+            assert not torch.equal(m.weight, originals[name])
+            assert torch.equal(m.weight, gptq.quantized[f"model.layers.0.{name}"].dequantize())
