@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fabricq import distributed
+from fabricq.activation_cache import cache_from_config, check_budgets
 from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback
 from fabricq.calibration import CalibrationLoop
 from fabricq.data import check_text_path, prepare_text
@@ -35,6 +36,16 @@ from fabricq.models import (
     resolve_model_source,
 )
 from fabricq.quant.grid import ACTORDERS, SUPPORTED_BITS, QuantScheme
+from fabricq.resume import (
+    RESUME_MODES,
+    agreed_finished_layer,
+    CheckpointCallback,
+    WorkDirectory,
+    config_identity,
+    data_identity,
+    model_identity,
+    work_dir_for,
+)
 
 log = logging.getLogger("fabricq")
 
@@ -76,6 +87,12 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
     check_text_path(cfg.eval.path, "eval.path")
     if cfg.export.format != "compressed-tensors":
         raise FabricqError(f"export.format must be compressed-tensors, got {cfg.export.format!r}")
+    if cfg.resume not in RESUME_MODES:
+        raise FabricqError(f"resume must be auto, true or false, got {cfg.resume!r}")
+    if not isinstance(cfg.pipeline.prefetch, bool):
+        raise FabricqError(f"pipeline.prefetch must be true or false, got {cfg.pipeline.prefetch!r}")
+    _positive_int(cfg.pipeline.solve_threads, "pipeline.solve_threads")
+    check_budgets(0, cfg.cache.device_mib, cfg.cache.host_mib, "")
     distributed.validate_trainer(cfg.trainer, cfg.data)
     return GPTQSettings(
         method=q.method,
@@ -84,6 +101,7 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
         block_size=q.block_size,
         hessian_dtype=HESSIAN_DTYPES[q.hessian_dtype],
         ignore=tuple(q.ignore),
+        solve_threads=cfg.pipeline.solve_threads,
     )
 
 
@@ -135,7 +153,17 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     tick = time.perf_counter()
     tokenizer = load_tokenizer(source)
     text = prepare_text(tokenizer, cfg.data, cfg.eval)
+    # Resume: the work directory beside the output must be this run's, or new.
+    work = WorkDirectory(work_dir_for(output_dir), rank, world)
+    identity = {"config": config_identity(cfg), "model": model_identity(source),
+                "data_sha256": data_identity(text.calibration), "world_size": world}
+    resuming = work.prepare(cfg.resume, identity)
+    if world > 1:  # rank 0 may have discarded an old run: nobody writes before that is done
+        fabric.barrier()
+    cache = cache_from_config(cfg, model_config, work, fabric.device) if model_config else None
     model = load_model(source, cfg.model.dtype)
+    if cache is None:  # the default (GGUF) model: its config is known once loaded
+        cache = cache_from_config(cfg, model.config.to_dict(), work, fabric.device)
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
@@ -174,9 +202,23 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     samples = distributed.local_samples(text.calibration, cfg.data.batch_size, rank, world)
     loop = CalibrationLoop(
         model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
-        callbacks=[gptq, ProgressCallback()],
+        callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq)],
+        cache=cache, prefetch=cfg.pipeline.prefetch,
     )
-    loop.run()
+    start_layer, inputs = 0, None
+    finished = work.latest_finished_layer() if resuming else None
+    if world > 1:  # ranks continue from the last layer every one of them finished
+        finished = agreed_finished_layer(finished, fabric.device)
+    if finished is not None:
+        inputs = work.restore(finished, model, gptq, cache)
+        start_layer = finished + 1
+        report["resumed_after_layer"] = finished
+        log.info("Resuming %s after layer %d/%d", work.path, finished + 1, len(layers))
+    try:
+        loop.run(start_layer, inputs)
+    finally:
+        cache.close()
+    report["cache"] = cache.report()
     timings["quantize_s"] = time.perf_counter() - tick
 
     if cfg.eval.enabled:
@@ -221,6 +263,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     (staging / "report.json").write_text(json.dumps(report, indent=2))
     (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     publish(staging, output_dir)
+    work.remove()
     distributed.finish(fabric)
     log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", output_dir, report["wall_s"], report["peak_rss_mib"])
     return report

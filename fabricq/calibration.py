@@ -3,17 +3,18 @@
 For each layer the loop forwards every batch of cached hidden states through it (callbacks observe
 the Linear inputs), lets callbacks change the layer at `on_layer_end` (GPTQ replaces weights), and,
 if they did, forwards again so the next layer sees the outputs of the *quantized* layer (error
-propagation). Only the current layer needs to be on the compute device.
+propagation). Only the current layer (and the next one, while it is prefetched) is on the compute
+device; hidden states live in an `ActivationCache` (device, host, disk within budgets).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from fabricq.activation_cache import ActivationCache, Stage
 from fabricq.models import decoder_layers, layer_prefix
+from fabricq.transfer import Prefetcher, TransferStream
 
 
 class Callback:
@@ -33,6 +34,10 @@ class Callback:
     def on_layer_end(self, loop: "CalibrationLoop", index: int, layer: nn.Module) -> bool:
         return False
 
+    def on_layer_complete(self, loop: "CalibrationLoop", index: int, next_inputs: Stage | None) -> None:
+        """Layer `index` is final and `next_inputs` hold the next layer's inputs (None after the
+        last layer, or when no callback needs activations)."""
+
     def on_run_end(self, loop: "CalibrationLoop") -> None: ...
 
 
@@ -46,25 +51,32 @@ class StopLayerForward(Exception):
     by the error-propagation pass, which then always runs."""
 
 
-@dataclass
-class LayerInputs:
-    """What a decoder layer is called with, for each batch: hidden states and keyword arguments
-    (position embeddings, masks) as the model computed them for the first layer."""
-
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+def _share_equal(value, previous):
+    """`value` with every tensor equal to the one at the same place in `previous` replaced by it:
+    position embeddings and masks are the same for equal-shaped batches, so they are kept once."""
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor):
+        same = value.shape == previous.shape and value.dtype == previous.dtype and value.device == previous.device
+        return previous if same and torch.equal(value, previous) else value
+    if isinstance(value, (tuple, list)) and isinstance(previous, type(value)) and len(value) == len(previous):
+        return type(value)(_share_equal(v, p) for v, p in zip(value, previous))
+    return value
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches, device) -> LayerInputs:
-    """Run the model up to its first decoder layer for each batch and keep that layer's inputs."""
-    captured = LayerInputs()
+def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches, device, sink=None) -> list[dict]:
+    """Run the model up to its first decoder layer for each batch: pass that layer's hidden states
+    to `sink` (if given) and return its keyword arguments (position embeddings, masks) per batch."""
+    kwargs_per_batch: list[dict] = []
 
     def grab(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append(kwargs)
+        if sink is not None:
+            sink(hidden)
+        if kwargs_per_batch:
+            previous = kwargs_per_batch[-1]
+            kwargs = {k: _share_equal(v, previous.get(k)) for k, v in kwargs.items()}
+        kwargs_per_batch.append(kwargs)
         raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -76,7 +88,7 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches,
                 pass
     finally:
         handle.remove()
-    return captured
+    return kwargs_per_batch
 
 
 def _layer_output(out):
@@ -84,9 +96,13 @@ def _layer_output(out):
 
 
 class CalibrationLoop:
-    """Drives layer-by-layer calibration of `model` on `samples` (num_samples, seq_len)."""
+    """Drives layer-by-layer calibration of `model` on `samples` (num_samples, seq_len).
 
-    def __init__(self, model: nn.Module, samples: torch.Tensor, *, device, batch_size: int, callbacks):
+    `cache`: where hidden states live between layers (default: unlimited memory). `prefetch`:
+    copy the next layer's weights to the compute device while the current one runs."""
+
+    def __init__(self, model: nn.Module, samples: torch.Tensor, *, device, batch_size: int, callbacks,
+                 cache: ActivationCache | None = None, prefetch: bool = True):
         self.model = model
         self.samples = samples
         self.device = torch.device(device)
@@ -95,6 +111,10 @@ class CalibrationLoop:
         self.layers = decoder_layers(model)
         self.prefix = layer_prefix(model, self.layers)
         self.num_layers = len(self.layers)
+        self.cache = cache if cache is not None else ActivationCache(self.device, prefetch=prefetch)
+        self.transfer = TransferStream(self.device)
+        self.prefetch = prefetch
+        self.kwargs: list[dict] = []
 
     def layer_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -103,43 +123,77 @@ class CalibrationLoop:
         return [getattr(cb, hook)(self, *args) for cb in self.callbacks]
 
     @torch.no_grad()
-    def _forward(self, layer: nn.Module, inputs: LayerInputs, index: int, observe: bool) -> list[torch.Tensor]:
-        outputs = []
-        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+    def _forward(self, layer: nn.Module, inputs: Stage, index: int, observe: bool, outputs: Stage | None) -> None:
+        for b, (hidden, kwargs) in enumerate(zip(inputs, self.kwargs)):
             try:
-                outputs.append(_layer_output(layer(hidden, **kwargs)))
-            except StopLayerForward:
-                outputs.append(None)
+                out = _layer_output(layer(hidden, **kwargs))
+            except StopLayerForward:  # a callback saw all it needed; this output is not used
+                out = None
+            if outputs is not None:
+                outputs.append(out)
             if observe:
                 self._fire("on_batch_end", index, b)
-        return outputs
 
     @torch.no_grad()
-    def run(self) -> None:
+    def capture(self, keep_hidden: bool = True) -> Stage | None:
+        """The first layer's inputs into the cache (and its per-batch kwargs into `self.kwargs`).
+        With keep_hidden=False only the kwargs are rebuilt (a resumed run has its hidden states)."""
+        home = next(self.layers.parameters()).device
+        stage = self.cache.new_stage() if keep_hidden else None
+        # Only the small parts outside the decoder layers (embeddings, rotary tables) go to the
+        # compute device to produce the first layer's inputs.
+        self._move_outside_layers(self.device)
+        try:
+            self.kwargs = capture_first_layer_inputs(
+                self.model, self.layers, self.samples.split(self.batch_size), self.device,
+                sink=stage.append if stage is not None else None,
+            )
+        finally:
+            self._move_outside_layers(home)
+        return stage
+
+    @torch.no_grad()
+    def run(self, start_layer: int = 0, inputs: Stage | None = None) -> None:
+        """Calibrate layers `start_layer`… in order. A resumed run passes the layer to continue
+        from and the hidden states entering it (earlier layers must already be final)."""
         observe = any(cb.needs_activations for cb in self.callbacks)
         home = next(self.layers.parameters()).device
-        inputs = None
-        if observe:
-            # Only the small parts outside the decoder layers (embeddings, rotary tables) go to
-            # the compute device to produce the first layer's inputs.
-            self._move_outside_layers(self.device)
-            inputs = capture_first_layer_inputs(
-                self.model, self.layers, self.samples.split(self.batch_size), self.device
-            )
-            self._move_outside_layers(home)
-
+        if observe and start_layer < self.num_layers:
+            if start_layer == 0:
+                inputs = self.capture()
+            else:
+                self.capture(keep_hidden=False)
+                if inputs is None or len(inputs) != len(self.kwargs):
+                    raise ValueError(f"resuming at layer {start_layer} needs the hidden states of every batch")
+        layer_loader = Prefetcher(self.prefetch, "fabricq-layer")
         self._fire("on_run_start")
         last = self.num_layers - 1
-        for index, layer in enumerate(self.layers):
-            layer.to(self.device)
-            self._fire("on_layer_start", index, layer)
-            outputs = self._forward(layer, inputs, index, observe=True) if observe else None
-            changed = any(self._fire("on_layer_end", index, layer))
-            if observe and index < last and (changed or any(o is None for o in outputs)):
-                # Error propagation: the next layer sees the quantized layer's outputs.
-                outputs = self._forward(layer, inputs, index, observe=False)
-            inputs = LayerInputs(outputs, inputs.kwargs) if observe else None
-            layer.to(home)
+        pending = layer_loader.submit(lambda: self.transfer.module_to_device(self.layers[start_layer])) \
+            if start_layer <= last else None
+        try:
+            for index in range(start_layer, self.num_layers):
+                layer = self.layers[index]
+                self.transfer.wait_all(pending.result())
+                if index < last:  # the next layer's weights travel while this one computes
+                    pending = layer_loader.submit(lambda i=index + 1: self.transfer.module_to_device(self.layers[i]))
+                self._fire("on_layer_start", index, layer)
+                if observe:
+                    self._forward(layer, inputs, index, observe=True, outputs=None)
+                self._fire("on_layer_end", index, layer)
+                outputs = None
+                if observe and index < last:
+                    # Error propagation: the next layer sees this (now final) layer's outputs.
+                    outputs = self.cache.new_stage()
+                    self._forward(layer, inputs, index, observe=False, outputs=outputs)
+                if inputs is not None:
+                    inputs.release()
+                inputs = outputs
+                layer.to(home)
+                self._fire("on_layer_complete", index, inputs)
+        finally:
+            layer_loader.close()
+            if inputs is not None:
+                inputs.release()
         self._fire("on_run_end")
 
     def _move_outside_layers(self, device) -> None:

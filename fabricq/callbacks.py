@@ -95,6 +95,7 @@ class GPTQSettings:
     block_size: int = 128
     hessian_dtype: torch.dtype = torch.float32
     ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
+    solve_threads: int = 1  # modules of a layer solved concurrently (results do not depend on it)
 
 
 class GPTQCallback(Callback):
@@ -134,8 +135,18 @@ class GPTQCallback(Callback):
         hessians = self._hessians
         if hessians is not None:
             hessians.remove()
-        for name, module in self._targets.items():
-            self.quantize_module(name, module, hessians)
+        if self.settings.solve_threads > 1 and len(self._targets) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # Solves of one layer are independent; torch releases the GIL inside them.
+            with ThreadPoolExecutor(self.settings.solve_threads, thread_name_prefix="fabricq-solve") as pool:
+                list(pool.map(lambda item: self.quantize_module(*item, hessians), self._targets.items()))
+            for table in (self.quantized, self.stats):  # the order of a sequential run
+                for name in self._targets:
+                    table[name] = table.pop(name)
+        else:
+            for name, module in self._targets.items():
+                self.quantize_module(name, module, hessians)
         self._hessians = None
         release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(self._targets)
@@ -163,19 +174,25 @@ class GPTQCallback(Callback):
                 "rtn_loss": rtn_loss,
                 "tokens": hessians.accumulators[hessians.leader[name]].tokens,
             }
-        if hessians is None:
-            dequantized = result.dequantize()
-        # In place: loaded weights are often a private memory map of the checkpoint file; writing
-        # into them replaces those pages, where a new tensor would keep both resident.
-        weight.copy_(dequantized.to(device=weight.device, dtype=weight.dtype))
-        self.quantized[name] = result
-        self.stats[name] = {
+        self.install(name, module, result, {
             **stats,
             "method": result.info.get("method"),
             "damp": result.info.get("damp"),
             "group_size": scheme.group_size,
             "seconds": round(time.perf_counter() - start, 4),
-        }
+        }, dequantized if hessians is not None else None)
+
+    def install(self, name: str, module: nn.Linear, result: QuantizedWeight, stats: dict,
+                dequantized: torch.Tensor | None = None) -> None:
+        """Put a module's quantized weight in place (also how a resumed run restores finished layers)."""
+        if dequantized is None:
+            dequantized = result.dequantize()
+        weight = module.weight.data
+        # In place: loaded weights are often a private memory map of the checkpoint file; writing
+        # into them replaces those pages, where a new tensor would keep both resident.
+        weight.copy_(dequantized.to(device=weight.device, dtype=weight.dtype))
+        self.quantized[name] = result
+        self.stats[name] = stats
 
 
 class ProgressCallback(Callback):

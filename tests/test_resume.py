@@ -1,0 +1,236 @@
+"""Resume after a crash: a run killed with SIGKILL mid-calibration and re-run with the same command
+writes a checkpoint bit-identical to an uninterrupted run's; a different config or model is
+refused; partial state never looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, run_cli
+from in_process import run_app
+from fabricq.errors import FabricqError
+
+ARGS = ["+recipe=gptq_w4", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
+# About three batches of hidden states in host memory: the rest is spilled to disk.
+SPILL = ["cache.host_mib=0.1"]
+
+# Runs fabricq in this process after patching it to SIGKILL itself at a chosen point, so the kill
+# lands exactly where the test wants it (no cleanup handler can run).
+KILLER = """
+import os, signal, sys, time
+import fabricq.resume as resume
+import fabricq.activation_cache as cache
+mode, layer = os.environ["KILL_MODE"], int(os.environ["KILL_LAYER"])
+commit = resume.WorkDirectory.commit_layer
+def patched_commit(self, index, results, next_inputs):
+    if mode == "mid-snapshot" and index == layer:
+        save = cache.Stage.save
+        def save_one_then_die(stage, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            cache._write(folder / "b00000.safetensors", next(iter(stage)))
+            os.kill(os.getpid(), signal.SIGKILL)
+        cache.Stage.save = save_one_then_die
+    commit(self, index, results, next_inputs)
+    if mode == "slow":
+        time.sleep(1.0)
+resume.WorkDirectory.commit_layer = patched_commit
+import runpy
+sys.argv = ["fabricq", *sys.argv[1:]]
+runpy.run_module("fabricq", run_name="__main__", alter_sys=True)  # as `python -m fabricq`
+"""
+
+
+def build_tiny_llama(folder: Path, seed: int) -> Path:
+    """A random 4-layer Llama with a small BPE tokenizer trained on the built-in text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fabricq.data import builtin_documents
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(builtin_documents(), trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume_models")
+    return build_tiny_llama(root / "a", seed=0), build_tiny_llama(root / "b", seed=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume_ref") / "out"
+    result = run_cli(*ARGS, f"model.path={models[0]}", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def start_killable(mode: str, layer: int, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "KILL_MODE": mode, "KILL_LAYER": str(layer)}
+    return subprocess.Popen([sys.executable, "-c", KILLER, *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    ra, rb = (json.loads((d / "report.json").read_text())["modules"] for d in (a, b))
+    assert {n: s["loss"] for n, s in ra.items()} == {n: s["loss"] for n, s in rb.items()}
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def test_sigkill_between_layers_then_same_command_resumes_bit_identical(models, uninterrupted, tmp_path):
+    """Poll the work directory for layer 1's state file, SIGKILL the run, re-run the same command
+    (with a host budget that spills to disk, which must not change the result either)."""
+    out = tmp_path / "out"
+    args = [*ARGS, *SPILL, f"model.path={models[0]}", f"output_dir={out}"]
+    proc = start_killable("slow", -1, *args)  # sleeps 1 s after each commit: time to poll and kill
+    state = work_dir(out) / "state" / "L00001.rank0.json"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed run must not leave an output that looks finished"
+    assert (work_dir(out) / "layers" / "L00001.safetensors").is_file()
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" in result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_after_layer"] in (1, 2)
+    assert report["cache"]["disk"]["spilled_batches"] > 0
+    assert report["cache"]["host"]["peak_mib"] <= 0.1
+    assert not work_dir(out).exists()
+    assert_same_checkpoint(out, uninterrupted)
+
+
+def test_kill_mid_snapshot_refuses_other_config_or_model_then_resumes(models, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = [*ARGS, f"model.path={models[0]}", f"output_dir={out}"]
+    proc = start_killable("mid-snapshot", 2, *args)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    work = work_dir(out)
+    # Layer 2's hidden states were being written: a temporary directory, no state file.
+    assert (work / "hidden" / ".tmp-L00002.rank0").is_dir()
+    assert not (work / "state" / "L00002.rank0.json").exists()
+    assert (work / "state" / "L00001.rank0.json").exists()
+
+    with pytest.raises(FabricqError, match=r"holds an unfinished run of a different config \(config.quant.bits: 4 → 8\)"):
+        run_app(*args, "quant.bits=8")
+    with pytest.raises(FabricqError, match="holds an unfinished run of a different model .*resume=false"):
+        run_app(*ARGS, f"model.path={models[1]}", f"output_dir={out}")
+    with pytest.raises(FabricqError, match="there is no unfinished run to resume"):
+        run_app(*args[:-1], f"output_dir={tmp_path / 'elsewhere'}", "resume=true")
+    assert not out.exists() and (work / "state" / "L00001.rank0.json").exists()
+
+    result = run_cli(*args, "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["resumed_after_layer"] == 1
+    assert_same_checkpoint(out, uninterrupted)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(3, False), (4, True), (8, True)])
+def test_layer_results_round_trip_exactly(tmp_path, bits, symmetric):
+    from fabricq.quant.gptq import gptq_quantize
+    from fabricq.quant.grid import QuantScheme
+    from fabricq.resume import _load_results, _save_results
+
+    g = torch.Generator().manual_seed(bits)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(256, 64, generator=g)
+    qw = gptq_quantize(w, x.T @ x / 256, QuantScheme(bits, 16, symmetric, "dynamic"), block_size=32)
+    stats = {"loss": 0.1 + 1e-17, "seconds": 0.5, "method": "gptq"}
+    _save_results(tmp_path / "L.safetensors", {"m": (qw, stats)})
+    back, back_stats = _load_results(tmp_path / "L.safetensors")["m"]
+    for part in ("codes", "scale", "zero", "g_idx"):
+        a, b = getattr(qw, part), getattr(back, part)
+        assert a.dtype == b.dtype and torch.equal(a, b), part
+    assert back.scheme == qw.scheme and back.info == qw.info and back_stats == stats
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_in_process_resume_matches_uninterrupted(tmp_path, method):
+    """The loop entry point: crash after layer 1's commit, restore into a fresh model, continue at
+    layer 2 from the saved hidden states: the same quantized results as one uninterrupted run."""
+    from fabricq.activation_cache import ActivationCache
+    from fabricq.calibration import CalibrationLoop
+    from fabricq.callbacks import GPTQCallback, GPTQSettings
+    from fabricq.quant.grid import QuantScheme
+    from fabricq.resume import CheckpointCallback, WorkDirectory
+    from test_calibration import SAMPLES, tiny_llama
+
+    settings = GPTQSettings(method=method, scheme=QuantScheme(4, 16, True, "static"))
+
+    def loop_for(model, gptq, extra=()):
+        cache = ActivationCache("cpu", host_bytes=2 * 16 * 32 * 4, spill_dir=tmp_path / "spill")
+        return CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[gptq, *extra], cache=cache)
+
+    reference = GPTQCallback(settings)
+    loop_for(tiny_llama(), reference).run()
+
+    class CrashAfter(CheckpointCallback):
+        def on_layer_complete(self, loop, index, next_inputs):
+            super().on_layer_complete(loop, index, next_inputs)
+            if index == 1:
+                raise Crash
+
+    work = WorkDirectory(tmp_path / ".out.work")
+    assert work.prepare("auto", {"x": 1}) is False
+    first = GPTQCallback(settings)
+    with pytest.raises(Crash):
+        loop_for(tiny_llama(), first, [CrashAfter(work, first)]).run()
+    assert work.latest_finished_layer() == 1
+
+    work = WorkDirectory(tmp_path / ".out.work")
+    assert work.prepare("auto", {"x": 1}) is True
+    model, resumed = tiny_llama(), GPTQCallback(settings)
+    loop = loop_for(model, resumed, [CheckpointCallback(work, resumed)])
+    inputs = work.restore(1, model, resumed, loop.cache)
+    assert (inputs is None) == (method == "rtn")
+    loop.run(start_layer=2, inputs=inputs)
+    assert resumed.quantized.keys() == reference.quantized.keys()
+    for name, qw in reference.quantized.items():
+        assert torch.equal(qw.codes, resumed.quantized[name].codes), name
+        assert torch.equal(qw.scale, resumed.quantized[name].scale), name
+    assert work.latest_finished_layer() == 2
+    # Everything finished: continuing after the last layer runs nothing and fails nothing.
+    loop.run(start_layer=3)
+
+    other = WorkDirectory(tmp_path / ".out.work")
+    with pytest.raises(FabricqError, match="another fabricq run is using"):
+        other.prepare("auto", {"x": 1})
+    work.close()
+    with pytest.raises(FabricqError, match=r"holds an unfinished run of a different config \(x: 1 → 2\)"):
+        other.prepare("auto", {"x": 2})
