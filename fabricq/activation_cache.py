@@ -64,8 +64,9 @@ def check_budgets(batch_bytes: int, device_mib: float | None, host_mib: float | 
 
 def check_spill_dir(path: Path, need_bytes: int) -> None:
     """The spill directory must be writable and have room for what may be spilled. Probes by
-    creating it, and removes again what the probe created."""
-    created = [p for p in (path, *path.parents) if not p.exists()]
+    creating it, and removes it again if the probe created it (its parents stay: with several
+    ranks, another rank may be creating its own spill directory beside it)."""
+    created = [path] if not path.exists() else []
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-probe"

@@ -131,7 +131,7 @@ def test_spill_dir_errors(tmp_path):
         check_spill_dir(blocker / "spill", 0)
     with pytest.raises(FabricqError, match="not enough free space for spilled hidden states"):
         check_spill_dir(tmp_path / "deep" / "spill", 1 << 60)
-    assert not (tmp_path / "deep").exists(), "the probe must not leave directories behind"
+    assert not (tmp_path / "deep" / "spill").exists(), "the probe must not leave its directory behind"
 
 
 def test_app_refuses_bad_budget_and_spill_dir_before_loading_the_model(tmp_path, shared_path, monkeypatch):
