@@ -93,7 +93,9 @@ def model_identity(source: ModelSource) -> dict:
 
 
 def data_identity(calibration: torch.Tensor) -> str:
-    return _sha256(calibration.contiguous().numpy().tobytes())
+    """sha256 of the calibration token windows as int64: the resume check and report.json's
+    `calibration.sha256` (which other tools compare against to be fed the same tokens)."""
+    return _sha256(calibration.to(torch.int64).contiguous().numpy().tobytes())
 
 
 def _differences(old, new, prefix="") -> list[str]:

@@ -3,6 +3,7 @@ user sees for bad input (each one line, before any model is loaded)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def test_checkpoint_loads_in_transformers_with_the_reported_quality(tiny_run, ti
     text = prepare_text(AutoTokenizer.from_pretrained(out), cfg.data, cfg.eval)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     report = json.loads((out / "report.json").read_text())
+    # The report fingerprints the exact calibration windows (what other tools are fed to match).
+    digest = hashlib.sha256(text.calibration.to(torch.int64).numpy().tobytes()).hexdigest()
+    assert report["calibration"]["sha256"] == digest
     assert evaluate(model, text.evaluation, "cpu")["ppl"] == pytest.approx(report["ppl_after"], rel=1e-4)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     assert evaluate(original, text.evaluation, "cpu")["ppl"] == pytest.approx(report["ppl_before"], rel=1e-4)
