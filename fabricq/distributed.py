@@ -459,11 +459,7 @@ class DistributedGPTQCallback(GPTQCallback):
                     bufs, scheme = received[name]
                     cpu = {k: v.cpu() for k, v in bufs.items()}
                     qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, part["info"][name])
-                    module = self._targets[name]
-                    weight = module.weight.data
-                    module.weight.data = qw.dequantize().to(device=weight.device, dtype=weight.dtype)
-                    self.quantized[name] = qw
-                    self.stats[name] = stats
+                    self.install(name, self._targets[name], qw, stats)
         for acc in accumulators:
             acc.sum = None
         self._hessians = None
