@@ -33,10 +33,12 @@ def variants(batch_mib: float) -> dict[str, list[str]]:
     small = f"{2 * batch_mib:.3f}"  # two batches resident in host memory, the rest on disk
     # (No "unlimited, no prefetch": on a CPU run with everything in memory there is nothing to
     # fetch ahead; prefetch matters once batches come from disk, or on a GPU.)
+    # Budgets need the two-forward mode (true-sequential holds a layer's activations of every batch).
+    layer_mode = "quant.true_sequential=false"
     return {
-        "unlimited, prefetch": ["cache.host_mib=null", "pipeline.prefetch=true"],
-        f"host {small} MiB, prefetch": [f"cache.host_mib={small}", "pipeline.prefetch=true"],
-        f"host {small} MiB, no prefetch": [f"cache.host_mib={small}", "pipeline.prefetch=false"],
+        "unlimited, prefetch": ["cache.host_mib=null", "pipeline.prefetch=true", layer_mode],
+        f"host {small} MiB, prefetch": [f"cache.host_mib={small}", "pipeline.prefetch=true", layer_mode],
+        f"host {small} MiB, no prefetch": [f"cache.host_mib={small}", "pipeline.prefetch=false", layer_mode],
     }
 
 

@@ -92,6 +92,15 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
         raise FabricqError(f"pipeline.prefetch must be true or false, got {cfg.pipeline.prefetch!r}")
     _positive_int(cfg.pipeline.solve_threads, "pipeline.solve_threads")
     check_budgets(0, cfg.cache.device_mib, cfg.cache.host_mib, "")
+    if not isinstance(q.true_sequential, bool):
+        raise FabricqError(f"quant.true_sequential must be true or false, got {q.true_sequential!r}")
+    budgets = {k: v for k, v in (("cache.device_mib", cfg.cache.device_mib), ("cache.host_mib", cfg.cache.host_mib))
+               if v is not None}
+    if q.true_sequential and q.method == "gptq" and budgets:
+        raise FabricqError(
+            f"quant.true_sequential=true holds every batch's activations inside a layer at once, so "
+            f"{' and '.join(budgets)} cannot be honoured: set quant.true_sequential=false to use cache budgets"
+        )
     distributed.validate_trainer(cfg.trainer, cfg.data)
     return GPTQSettings(
         method=q.method,
@@ -101,6 +110,7 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
         hessian_dtype=HESSIAN_DTYPES[q.hessian_dtype],
         ignore=tuple(q.ignore),
         solve_threads=cfg.pipeline.solve_threads,
+        true_sequential=q.true_sequential,
     )
 
 

@@ -1,13 +1,24 @@
 """The sequential calibration loop: one decoder layer at a time, with hooks for callbacks.
 
 For each layer the loop forwards every batch of cached hidden states through it (callbacks observe
-the Linear inputs), lets callbacks change the layer at `on_layer_end` (GPTQ replaces weights), and,
-if they did, forwards again so the next layer sees the outputs of the *quantized* layer (error
-propagation). Only the current layer (and the next one, while it is prefetched) is on the compute
-device; hidden states live in an `ActivationCache` (device, host, disk within budgets).
+the Linear inputs), lets callbacks change the layer at `on_layer_end` (GPTQ replaces weights), and
+forwards again so the next layer sees the outputs of the *quantized* layer (error propagation).
+
+Gated forward (one forward per layer): a callback may name modules as *gates* (`Callback.gates`).
+Each batch's forward then runs as a coroutine that pauses just before a gate until every batch has
+reached it; `on_gate` fires in between (GPTQ quantizes the modules reading that input), and the
+batches continue through the changed module. The forward that observed the inputs thus already
+produces the quantized layer's outputs, and no second pass is needed. Coroutines take turns (one
+runs at a time, batches in order), so every sum is added in the same order as in a plain loop.
+
+Only the current layer (and the next one, while it is prefetched) is on the compute device;
+hidden states live in an `ActivationCache` (device, host, disk within budgets).
 """
 
 from __future__ import annotations
+
+import threading
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,6 +41,15 @@ class Callback:
     def on_layer_start(self, loop: "CalibrationLoop", index: int, layer: nn.Module) -> None: ...
 
     def on_batch_end(self, loop: "CalibrationLoop", index: int, batch: int) -> None: ...
+
+    def gates(self, loop: "CalibrationLoop", index: int, layer: nn.Module) -> list[str]:
+        """Names of modules (in `layer`, full names) before which every batch's forward pauses
+        until all batches have reached it; then `on_gate` fires. Asked after `on_layer_start`."""
+        return []
+
+    def on_gate(self, loop: "CalibrationLoop", index: int, layer: nn.Module, name: str) -> None:
+        """Every batch has reached module `name` (its forward pre-hooks have run for all of them)
+        and waits: the module may be changed now; the batches then run through it."""
 
     def on_layer_end(self, loop: "CalibrationLoop", index: int, layer: nn.Module) -> bool:
         return False
@@ -95,6 +115,76 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Cancelled(BaseException):
+    """Unwinds a paused batch forward whose layer pass failed elsewhere."""
+
+
+class BatchCoroutine:
+    """`fn()` on a thread of its own that runs only between `resume()` and its next `suspend()`:
+    exactly one of the caller and the coroutine runs at a time, so a set of them executes in an
+    order as deterministic as a plain loop's. Thread-local torch state (grad mode, CUDA device)
+    is set up by `fn` itself."""
+
+    _current = threading.local()
+
+    def __init__(self, fn: Callable[[], object], name: str = "fabricq-batch"):
+        self._fn = fn
+        self._wake = threading.Semaphore(0)
+        self._yielded = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._body, name=name, daemon=True)
+        self._cancel = False
+        self.started = self.done = False
+        self.result = None
+        self.error: BaseException | None = None
+        self.position = None  # what the coroutine passed to its last `suspend`
+
+    @classmethod
+    def current(cls) -> "BatchCoroutine | None":
+        return getattr(cls._current, "coroutine", None)
+
+    def _body(self) -> None:
+        BatchCoroutine._current.coroutine = self
+        self._wake.acquire()
+        try:
+            if self._cancel:
+                raise _Cancelled
+            self.result = self._fn()
+        except BaseException as err:  # handed to the caller of resume()
+            self.error = err
+        self.done = True
+        self.position = None
+        self._yielded.release()
+
+    def resume(self):
+        """Run the coroutine until it suspends (returns its position) or ends (returns None)."""
+        if not self.started:
+            self.started = True
+            self._thread.start()
+        self._wake.release()
+        self._yielded.acquire()
+        if self.error is not None and not isinstance(self.error, _Cancelled):
+            error, self.error = self.error, None
+            raise error
+        return self.position
+
+    def suspend(self, position) -> None:
+        """Called on the coroutine's own thread: hand control back to `resume`'s caller."""
+        self.position = position
+        self._yielded.release()
+        self._wake.acquire()
+        if self._cancel:
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        """Unwind a started, unfinished coroutine (its pending suspend raises) and wait for it."""
+        if self.started and not self.done:
+            self._cancel = True
+            self._wake.release()
+            self._yielded.acquire()
+        if self.started:
+            self._thread.join()
+
+
 class CalibrationLoop:
     """Drives layer-by-layer calibration of `model` on `samples` (num_samples, seq_len).
 
@@ -133,6 +223,65 @@ class CalibrationLoop:
                 outputs.append(out)
             if observe:
                 self._fire("on_batch_end", index, b)
+
+    def _run_batch(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict):
+        """One batch through `layer` on a coroutine's thread (grad mode and device are per thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.no_grad():
+            return _layer_output(layer(hidden, **kwargs))
+
+    def _forward_gated(self, layer: nn.Module, inputs: Stage, index: int, gates: list[str],
+                       outputs: Stage | None) -> None:
+        """Every batch through `layer` at once, pausing all of them before each gate module (see
+        the module docstring); `outputs` receives the layer's outputs after the last gate."""
+        modules = dict(layer.named_modules(prefix=self.layer_name(index)))
+        unknown = [g for g in gates if g not in modules]
+        if unknown:
+            raise ValueError(f"gates {unknown} are not modules of {self.layer_name(index)}")
+        opened: set[str] = set()
+
+        def gate(name):
+            def pause(module, args):
+                coroutine = BatchCoroutine.current()
+                if coroutine is not None and name not in opened:
+                    coroutine.suspend(name)
+            return pause
+
+        # Registered after the callbacks' own pre-hooks (added at on_layer_start): they observe
+        # a batch's input before it pauses.
+        handles = [modules[g].register_forward_pre_hook(gate(g)) for g in dict.fromkeys(gates)]
+        batches: list[BatchCoroutine] = []
+        try:
+            for b, (hidden, kwargs) in enumerate(zip(inputs, self.kwargs)):
+                batch = BatchCoroutine(lambda h=hidden, k=kwargs: self._run_batch(layer, h, k),
+                                       name=f"fabricq-batch{b}")
+                batches.append(batch)
+                batch.resume()
+                del hidden
+            while not all(b.done for b in batches):
+                positions = {b.position for b in batches}
+                if len(positions) != 1:
+                    where = ", ".join(f"batch {i}: {b.position or 'finished'}" for i, b in enumerate(batches))
+                    raise RuntimeError(
+                        f"batches took different paths through {self.layer_name(index)} ({where}); "
+                        "a gated (true-sequential) forward needs every batch to call the same modules"
+                    )
+                name = positions.pop()
+                self._fire("on_gate", index, layer, name)
+                opened.add(name)
+                for batch in batches:
+                    batch.resume()
+            for b, batch in enumerate(batches):
+                if outputs is not None:
+                    outputs.append(batch.result)
+                batch.result = None
+                self._fire("on_batch_end", index, b)
+        finally:
+            for batch in batches:
+                batch.cancel()
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def capture(self, keep_hidden: bool = True) -> Stage | None:
@@ -177,12 +326,18 @@ class CalibrationLoop:
                 if index < last:  # the next layer's weights travel while this one computes
                     pending = layer_loader.submit(lambda i=index + 1: self.transfer.module_to_device(self.layers[i]))
                 self._fire("on_layer_start", index, layer)
-                if observe:
-                    self._forward(layer, inputs, index, observe=True, outputs=None)
-                self._fire("on_layer_end", index, layer)
                 outputs = None
-                if observe and index < last:
+                gates = [g for gates in self._fire("gates", index, layer) for g in gates] if observe else []
+                if gates:  # one forward: it observes and already yields the quantized layer's outputs
+                    outputs = self.cache.new_stage() if index < last else None
+                    self._forward_gated(layer, inputs, index, gates, outputs)
+                elif observe:
+                    self._forward(layer, inputs, index, observe=True, outputs=None)
+                changed = any(self._fire("on_layer_end", index, layer))
+                if observe and index < last and (not gates or changed):
                     # Error propagation: the next layer sees this (now final) layer's outputs.
+                    if outputs is not None:
+                        outputs.release()
                     outputs = self.cache.new_stage()
                     self._forward(layer, inputs, index, observe=False, outputs=outputs)
                 if inputs is not None:

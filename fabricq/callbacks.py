@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
 from fabricq.data import release_freed_memory
+from fabricq.errors import FabricqError
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objectives, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
@@ -24,43 +26,62 @@ class SharedInputHessians:
     """One Hessian per distinct input of a layer's Linear modules.
 
     q/k/v (and gate/up) read the very same tensor, so they share one accumulator: which modules
-    share is learnt from the first batch (same tensor object → same group), for any architecture.
-    References to the batch's inputs are held until `end_batch` so a freed tensor's id cannot be
+    share is learnt from the first batch that reaches them (same tensor object → same group), for
+    any architecture, or given up front as `groups` (learnt on an earlier layer of the same
+    shape; each batch then checks that a follower reads its leader's very tensor). References to
+    the learning batch's inputs are held until `end_batch` so a freed tensor's id cannot be
     reused by a different input within the batch.
 
-    From the second batch on, once the last module (in call order) has given its input, the rest
-    of the layer's calibration forward is skipped (`StopLayerForward`): its output would be
-    discarded anyway, as the quantized layer is forwarded again for the next layer.
+    With `stop_early`, from the second batch on, once the last module (in call order) has given
+    its input, the rest of the layer's calibration forward is skipped (`StopLayerForward`): its
+    output would be discarded anyway, as the quantized layer is forwarded again for the next layer.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype, stop_early: bool = True):
+    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype, stop_early: bool = True,
+                 groups: list[list[str]] | None = None):
         self.modules = modules
         self.stop_early = stop_early
         self.dtype = dtype
         self.leader: dict[str, str] = {}  # module → module whose accumulator it uses
+        self.preset = groups is not None
+        for group in groups or []:
+            for name in group:
+                self.leader[name] = group[0]
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
-        self._grouped = False
-        self._order: list[str] = []  # call order in the first batch
+        self._order: list[str] = []  # first calls, in call order
+        self._calls_while_learning = 0
+        self._batches_done = 0
         self._stop_after: str | None = None
+        self._last_leader_input = threading.local()  # per batch forward (gated forwards: per thread)
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def observe(module, args):
             x = args[0]
-            if not self._grouped:
+            leader = self.leader.get(name)
+            if self._batches_done == 0:
+                self._calls_while_learning += 1
+            if leader is None:  # the first call of this module: learn whom it shares an input with
                 self._order.append(name)
                 seen = self._seen.get(id(x))
-                if seen is not None and seen[1] is x:
-                    self.leader[name] = seen[0]
-                    return
-                self._seen[id(x)] = (name, x)
-                self.leader[name] = name
-                self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
-                self.accumulators[name].add(x)
-                return
-            if self.leader[name] == name:
-                self.accumulators[name].add(x)
+                leader = seen[0] if seen is not None and seen[1] is x else name
+                self.leader[name] = leader
+                if leader == name:
+                    self._seen[id(x)] = (name, x)
+            elif self.preset and leader != name:
+                last = getattr(self._last_leader_input, "value", None)
+                if last is None or last[0] != leader or last[1] is not x:
+                    raise FabricqError(
+                        f"{name} does not read the same input as {leader} here, unlike in the layer its "
+                        "grouping was learnt on: this model's layers differ; set quant.true_sequential=false"
+                    )
+            if leader == name:
+                accumulator = self.accumulators.get(name)
+                if accumulator is None:
+                    accumulator = self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
+                accumulator.add(x)
+                self._last_leader_input.value = (name, x)
             if name == self._stop_after:
                 raise StopLayerForward
 
@@ -68,19 +89,27 @@ class SharedInputHessians:
 
     def end_batch(self) -> None:
         self._seen.clear()
-        once = len(set(self._order)) == len(self._order) == len(self.modules)
-        if self.stop_early and not self._grouped and once:
-            self._stop_after = self._order[-1]  # every module runs once per forward
-        self._grouped = True
+        self._last_leader_input.value = None
+        if self._batches_done == 0:
+            once = self._calls_while_learning == len(self._order) == len(self.modules)
+            if self.stop_early and once:
+                self._stop_after = self._order[-1]  # every module runs once per forward
+        self._batches_done += 1
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.accumulators[self.leader[name]].mean()
 
     def groups(self) -> list[list[str]]:
+        """Modules by shared input, each group led by its first-called member."""
         out: dict[str, list[str]] = {}
         for name in self.modules:
-            out.setdefault(self.leader[name], []).append(name)
-        return list(out.values())
+            if name in self.leader:
+                out.setdefault(self.leader[name], []).append(name)
+        return [[leader] + [n for n in members if n != leader] for leader, members in out.items()]
+
+    def group_of(self, name: str) -> list[str]:
+        leader = self.leader.get(name, name)
+        return [n for g in self.groups() if g[0] == leader for n in g] or [name]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -96,10 +125,18 @@ class GPTQSettings:
     hessian_dtype: torch.dtype = torch.float32
     ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
     solve_threads: int = 1  # modules of a layer solved concurrently (results do not depend on it)
+    # Quantize each shared-input group of a layer (q/k/v, o, gate/up, down) before the next one
+    # is calibrated, in one gated forward per layer (see fabricq.calibration); False: calibrate
+    # every module of a layer on the unquantized layer, then forward it again.
+    true_sequential: bool = False
 
 
 class GPTQCallback(Callback):
-    """Quantizes every Linear of each decoder layer at the end of its calibration pass.
+    """Quantizes every Linear of each decoder layer: at the end of its calibration pass, or, with
+    `true_sequential`, group by group at gates of a single forward — each group of modules
+    sharing an input once every batch has reached it, so later groups are calibrated on the
+    outputs of the quantized earlier ones. The groups are learnt on the first layer (gating
+    every module there) and reused for layers with the same module names.
 
     Results: `quantized` (module name → QuantizedWeight) and `stats` (per-module objective of
     GPTQ and of round-to-nearest on the same Hessian, seconds, damping, effective group size).
@@ -112,6 +149,9 @@ class GPTQCallback(Callback):
         self.stats: dict[str, dict] = {}
         self._targets: dict[str, nn.Linear] = {}
         self._hessians: SharedInputHessians | None = None
+        self._solved: set[str] = set()
+        self._index = -1
+        self._groupings: dict[tuple[str, ...], list[list[str]]] = {}  # layer shape → groups (relative names)
 
     def targets(self, loop: CalibrationLoop, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
         ignore = [re.compile(p) for p in self.settings.ignore]
@@ -122,10 +162,41 @@ class GPTQCallback(Callback):
         base = self.settings.scheme
         return replace(base, group_size=effective_group_size(base.group_size, module.in_features))
 
+    @property
+    def _gated(self) -> bool:
+        return self.settings.true_sequential and self.settings.method == "gptq"
+
+    def _shape_key(self, loop, index: int) -> tuple[str, ...]:
+        cut = len(loop.layer_name(index)) + 1
+        return tuple(name[cut:] for name in self._targets)
+
     def on_layer_start(self, loop, index, layer):
+        self._index = index
         self._targets = self.targets(loop, index, layer)
+        self._solved = set()
         if self.settings.method == "gptq":
-            self._hessians = SharedInputHessians(self._targets, self.settings.hessian_dtype)
+            groups = None
+            known = self._groupings.get(self._shape_key(loop, index)) if self._gated else None
+            if known is not None:
+                prefix = loop.layer_name(index) + "."
+                groups = [[prefix + n for n in group] for group in known]
+            self._hessians = SharedInputHessians(
+                self._targets, self.settings.hessian_dtype, stop_early=not self._gated, groups=groups)
+
+    def gates(self, loop, index, layer) -> list[str]:
+        if not self._gated or not self._targets:
+            return []
+        if self._hessians.preset:  # one gate per group, at the member called first
+            return [group[0] for group in self._hessians.groups()]
+        return list(self._targets)  # grouping unknown yet: every module waits for all batches
+
+    def on_gate(self, loop, index, layer, name):
+        if name not in self._targets:
+            return
+        group = self._hessians.group_of(name) if self._hessians.preset else [name]
+        pending = [n for n in group if n not in self._solved]
+        if pending:
+            self.solve_groups([pending])
 
     def on_batch_end(self, loop, index, batch):
         if self._hessians is not None:
@@ -135,21 +206,40 @@ class GPTQCallback(Callback):
         hessians = self._hessians
         if hessians is not None:
             hessians.remove()
-        if self.settings.solve_threads > 1 and len(self._targets) > 1:
+            silent = [n for n in self._targets if n not in hessians.leader]
+            if silent:
+                raise FabricqError(f"{', '.join(silent)} received no calibration input in the forward pass")
+            groups = hessians.groups()
+            if self._gated and not hessians.preset:
+                cut = len(loop.layer_name(index)) + 1
+                self._groupings[self._shape_key(loop, index)] = [[n[cut:] for n in g] for g in groups]
+        else:
+            groups = [[name] for name in self._targets]
+        pending = [[n for n in g if n not in self._solved] for g in groups]
+        pending = [g for g in pending if g]
+        if pending:
+            self.solve_groups(pending)
+        self._hessians = None
+        release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
+        return bool(pending)
+
+    def solve_groups(self, groups: list[list[str]]) -> None:
+        """Quantize the modules of `groups` (lists of modules sharing a Hessian) of the current layer."""
+        hessians = self._hessians
+        names = [n for group in groups for n in group]
+        if self.settings.solve_threads > 1 and len(names) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             # Solves of one layer are independent; torch releases the GIL inside them.
             with ThreadPoolExecutor(self.settings.solve_threads, thread_name_prefix="fabricq-solve") as pool:
-                list(pool.map(lambda item: self.quantize_module(*item, hessians), self._targets.items()))
+                list(pool.map(lambda n: self.quantize_module(n, self._targets[n], hessians), names))
             for table in (self.quantized, self.stats):  # the order of a sequential run
-                for name in self._targets:
+                for name in names:
                     table[name] = table.pop(name)
         else:
-            for name, module in self._targets.items():
-                self.quantize_module(name, module, hessians)
-        self._hessians = None
-        release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
-        return bool(self._targets)
+            for name in names:
+                self.quantize_module(name, self._targets[name], hessians)
+        self._solved.update(names)
 
     def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:
         start = time.perf_counter()

@@ -372,11 +372,15 @@ def _result_buffers(rows: int, cols: int, groups: int, device) -> dict[str, torc
     }
 
 
-class DistributedGPTQCallback(GPTQCallback):
-    """GPTQCallback whose layer end reduces each shared-input Hessian to one owner rank, solves
-    the groups this rank owns, and broadcasts the results so that every rank applies them all.
+ALL_RANKS = -2  # a Hessian sum every rank holds (all-reduced)
 
-    `report` holds, per layer: owners, planned and achieved per-rank solve time, makespans, and
+
+class DistributedGPTQCallback(GPTQCallback):
+    """GPTQCallback whose solves (at the layer end, or at each gate of a true-sequential forward)
+    reduce each shared-input Hessian to one owner rank, solve the groups this rank owns, and
+    broadcast the results so that every rank applies them all.
+
+    `report` holds, per solve step (one per layer, or one per gate): owners, planned and achieved per-rank solve time, makespans, and
     bytes sent in Hessian reductions and result broadcasts."""
 
     def __init__(self, settings: GPTQSettings, *, rank: int, world_size: int, device,
@@ -394,39 +398,63 @@ class DistributedGPTQCallback(GPTQCallback):
             self.quantize_module(name, self._targets[name], self._hessians)
         return time.perf_counter() - start
 
-    def on_layer_end(self, loop, index, layer) -> bool:
+    def on_layer_start(self, loop, index, layer):
+        super().on_layer_start(loop, index, layer)
+        self._sum_holder: dict[str, int] = {}  # leader → rank holding its summed Hessian (or ALL_RANKS)
+
+    def solve_groups(self, groups: list[list[str]]) -> None:
         dist = torch.distributed
         hessians = self._hessians
-        hessians.remove()
         tick = time.perf_counter()
-        groups = hessians.groups()
+        if len(groups) < self.world_size:
+            # Too few groups to keep every rank busy (a true-sequential gate solves one group):
+            # share out the modules; their common Hessian then goes to each of their owners.
+            groups = [[name] for group in groups for name in group]
         tasks = [SolveTask(self._targets[g[0]].in_features, tuple(self._targets[n].out_features for n in g))
                  for g in groups]
         costs = [self.cost_model.predict(t) for t in tasks]
-        owners = assign_to_ranks(costs, self.world_size)
-        accumulators = [hessians.accumulators[hessians.leader[g[0]]] for g in groups]
-
-        tokens = torch.tensor([a.tokens for a in accumulators], dtype=torch.int64, device=self.device)
-        dist.all_reduce(tokens)
-        reduces, payloads = [], []
-        for acc, owner in zip(accumulators, owners):
+        leaders = [hessians.leader[g[0]] for g in groups]
+        # A group whose Hessian sum one rank already holds (a gated first layer solves q, then k,
+        # which shares q's input) stays with that rank; the others are balanced.
+        owners = [max(self._sum_holder.get(leader, -1), -1) for leader in leaders]  # ALL_RANKS: free
+        free = [g for g, owner in enumerate(owners) if owner == -1]
+        if free:
+            for g, owner in zip(free, assign_to_ranks([costs[g] for g in free], self.world_size)):
+                owners[g] = owner
+        fresh = list(dict.fromkeys(leaders[g] for g in range(len(groups)) if leaders[g] not in self._sum_holder))
+        tokens = torch.tensor([hessians.accumulators[l].tokens for l in fresh], dtype=torch.int64, device=self.device)
+        if fresh:
+            dist.all_reduce(tokens)
+        pending = {}  # leader → (collective, payload, tokens) still to be waited for and unpacked
+        for i, leader in enumerate(fresh):
+            acc = hessians.accumulators[leader]
+            targets = {owners[g] for g in range(len(groups)) if leaders[g] == leader}
             payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
-            payloads.append(payload)
-            reduces.append(dist.reduce(payload, dst=owner, async_op=True))
-            if owner != self.rank:
-                self.bytes["hessian_reduce"] += payload.numel() * payload.element_size()
+            size = payload.numel() * payload.element_size()
+            if len(targets) == 1:  # to its one owner only
+                owner = targets.pop()
+                work = dist.reduce(payload, dst=owner, async_op=True)
+                self._sum_holder[leader] = owner
+                self.bytes["hessian_reduce"] += size if owner != self.rank else 0
+            else:  # several owners share this Hessian: every rank gets the sum
+                work = dist.all_reduce(payload, async_op=True)
+                self._sum_holder[leader] = ALL_RANKS
+                self.bytes["hessian_reduce"] += size
+            pending[leader] = (work, payload, int(tokens[i]))
+        reduces = {leader: item[0] for leader, item in pending.items()}
 
         solve_s = [0.0] * len(groups)
         broadcasts, received = [], {}
         for g, (names, owner) in enumerate(zip(groups, owners)):
             if owner == self.rank:
-                reduces[g].wait()
-                acc = accumulators[g]
-                if self.upper_triangle:
-                    acc.sum = unpack_upper(payloads[g], acc.sum.shape[0])
-                acc.tokens = int(tokens[g])
+                if leaders[g] in pending:  # the summed Hessian arrives (once per leader)
+                    work, payload, total = pending.pop(leaders[g])
+                    work.wait()
+                    acc = hessians.accumulators[leaders[g]]
+                    if self.upper_triangle:
+                        acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                    acc.tokens = total
                 solve_s[g] = self._solve_group(names)
-                acc.sum = None  # the summed Hessian is no longer needed
             for name in names:
                 module = self._targets[name]
                 scheme = self.scheme_for(module)
@@ -439,8 +467,14 @@ class DistributedGPTQCallback(GPTQCallback):
                     bufs = _result_buffers(module.out_features, module.in_features, n_groups, self.device)
                     received[name] = (bufs, scheme)
                 broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
-        for work in reduces + broadcasts:
+        for work in [*reduces.values(), *broadcasts]:
             work.wait()
+        for leader, (_, payload, total) in pending.items():  # all-reduced sums this rank did not use yet
+            if self._sum_holder[leader] == ALL_RANKS:
+                acc = hessians.accumulators[leader]
+                if self.upper_triangle:
+                    acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                acc.tokens = total
 
         # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
         mine = {
@@ -460,9 +494,6 @@ class DistributedGPTQCallback(GPTQCallback):
                     cpu = {k: v.cpu() for k, v in bufs.items()}
                     qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, part["info"][name])
                     self.install(name, self._targets[name], qw, stats)
-        for acc in accumulators:
-            acc.sum = None
-        self._hessians = None
 
         planned_in_seconds = self.cost_model.in_seconds
         for task, seconds in zip(tasks, solve_s):
@@ -472,20 +503,36 @@ class DistributedGPTQCallback(GPTQCallback):
         for c, s, r in zip(costs, solve_s, owners):
             planned[r] += c
             achieved[r] += s
-        self.layers.append({
-            "layer": index,
-            "groups": [{"modules": names, "cols": t.cols, "rows": list(t.rows), "owner": r,
-                        "planned": round(c, 6 if planned_in_seconds else 0), "solve_s": round(s, 4)}
-                       for names, t, c, s, r in zip(groups, tasks, costs, solve_s, owners)],
-            "planned_unit": "s" if planned_in_seconds else "analytic (cols³ + Σ rows·cols²)",
-            "planned_per_rank": planned,
-            "planned_makespan_over_ideal": max(planned) / (sum(planned) / self.world_size),
-            "achieved_per_rank_s": [round(a, 4) for a in achieved],
-            "achieved_makespan_s": round(max(achieved), 4),
-            "achieved_makespan_over_ideal": max(achieved) / (sum(achieved) / self.world_size) if sum(achieved) else 1.0,
-            "wall_s": round(time.perf_counter() - tick, 4),
-        })
-        return bool(self._targets)
+        groups_report = [{"modules": names, "cols": t.cols, "rows": list(t.rows), "owner": r,
+                          "planned": round(c, 6 if planned_in_seconds else 0), "solve_s": round(s, 4)}
+                         for names, t, c, s, r in zip(groups, tasks, costs, solve_s, owners)]
+        self._record_step(groups_report, planned, achieved, planned_in_seconds, time.perf_counter() - tick)
+        self._solved.update(n for names in groups for n in names)
+
+    def _record_step(self, groups: list[dict], planned: list[float], achieved: list[float],
+                     planned_in_seconds: bool, wall_s: float) -> None:
+        """Add one solve step to the current layer's report entry. A layer solved in several steps
+        (true-sequential gates) waits for each step's slowest rank, so its makespan is the sum of
+        the steps' makespans."""
+        entry = self.layers[-1] if self.layers and self.layers[-1]["layer"] == self._index else None
+        if entry is None:
+            entry = {"layer": self._index, "groups": [], "steps": 0,
+                     "planned_unit": "s" if planned_in_seconds else "analytic (cols³ + Σ rows·cols²)",
+                     "planned_per_rank": [0.0] * self.world_size, "planned_makespan": 0.0,
+                     "achieved_per_rank_s": [0.0] * self.world_size, "achieved_makespan_s": 0.0, "wall_s": 0.0}
+            self.layers.append(entry)
+        entry["groups"] += groups
+        entry["steps"] += 1
+        entry["planned_per_rank"] = [a + b for a, b in zip(entry["planned_per_rank"], planned)]
+        entry["planned_makespan"] += max(planned)
+        entry["achieved_per_rank_s"] = [round(a + b, 4) for a, b in zip(entry["achieved_per_rank_s"], achieved)]
+        entry["achieved_makespan_s"] = round(entry["achieved_makespan_s"] + max(achieved), 4)
+        entry["wall_s"] = round(entry["wall_s"] + wall_s, 4)
+        planned_total, achieved_total = sum(entry["planned_per_rank"]), sum(entry["achieved_per_rank_s"])
+        entry["planned_makespan_over_ideal"] = (entry["planned_makespan"] / (planned_total / self.world_size)
+                                                if planned_total else 1.0)
+        entry["achieved_makespan_over_ideal"] = (entry["achieved_makespan_s"] / (achieved_total / self.world_size)
+                                                 if achieved_total else 1.0)
 
     @property
     def report(self) -> dict:

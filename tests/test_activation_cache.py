@@ -144,6 +144,9 @@ def test_app_refuses_bad_budget_and_spill_dir_before_loading_the_model(tmp_path,
     model = shared_path("models", "stories260k")
     base = ["+recipe=gptq_w4", f"model.path={model}", "data.num_samples=8", "data.seq_len=64",
             "data.batch_size=4", "eval.seq_len=64", f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(FabricqError, match="quant.true_sequential=true holds every batch's activations"):
+        run_app(*base, "cache.host_mib=1")  # the one-forward mode cannot honour a budget
+    base.append("quant.true_sequential=false")
     with pytest.raises(FabricqError) as err:
         run_app(*base, "cache.host_mib=0.01")
     assert str(err.value) == ("cache.host_mib=0.01 cannot hold one batch of hidden states (4 × 64 × 64 float32 "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 import fabricq.callbacks as callbacks
@@ -18,7 +16,7 @@ SHARED_INPUT_HESSIANS = callbacks.SharedInputHessians
 
 def _gptq_run(monkeypatch, stop_early: bool):
     monkeypatch.setattr(callbacks, "SharedInputHessians",
-                        functools.partial(SHARED_INPUT_HESSIANS, stop_early=stop_early))
+                        lambda *args, **kwargs: SHARED_INPUT_HESSIANS(*args, **{**kwargs, "stop_early": stop_early}))
     model = tiny_llama()
     gptq = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 16, True, "static")))
     calls = []

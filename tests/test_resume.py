@@ -22,7 +22,7 @@ from fabricq.errors import FabricqError
 
 ARGS = ["+recipe=gptq_w4", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
 # About three batches of hidden states in host memory: the rest is spilled to disk.
-SPILL = ["cache.host_mib=0.1"]
+SPILL = ["cache.host_mib=0.1", "quant.true_sequential=false"]
 
 # Runs fabricq in this process after patching it to SIGKILL itself at a chosen point, so the kill
 # lands exactly where the test wants it (no cleanup handler can run).
