@@ -74,18 +74,27 @@ def _contiguous_group_index(columns: int, group_size: int) -> torch.Tensor:
 
 def _group_params_upfront(w: torch.Tensor, scheme: QuantScheme, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale/zero from `w` as it is, groups contiguous in its column order."""
-    columns = w.shape[1]
+    rows, columns = w.shape
     size = columns if scheme.group_size == -1 else scheme.group_size
+    if columns % size == 0 and w.is_contiguous():
+        # All groups at once: each (row, group) is one row of this view; same values as the loop.
+        scale, zero = compute_qparams(w.view(rows * (columns // size), size), scheme, scale_dtype)
+        return scale.view(rows, -1), zero.view(rows, -1)
     pairs = [compute_qparams(w[:, c : c + size], scheme, scale_dtype) for c in range(0, columns, size)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
 def rtn_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype=torch.float32) -> QuantizedWeight:
     """Round each weight to the nearest grid point (groups contiguous, min-max params)."""
-    w = weight.float()
+    w = weight.float().contiguous()
+    rows, columns = w.shape
     scale, zero = _group_params_upfront(w, scheme, scale_dtype)
-    g_idx = _contiguous_group_index(w.shape[1], scheme.group_size)
-    codes = quantize_codes(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), scheme)
+    g_idx = _contiguous_group_index(columns, scheme.group_size)
+    size = columns if scheme.group_size == -1 else scheme.group_size
+    if columns % size == 0:  # broadcast each group's params over its columns instead of expanding them
+        codes = quantize_codes(w.view(rows, -1, size), scale[:, :, None], zero[:, :, None], scheme).view(rows, columns)
+    else:
+        codes = quantize_codes(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), scheme)
     return QuantizedWeight(codes.to(torch.int8), scale, zero, g_idx, scheme, {"method": "rtn"})
 
 
@@ -181,7 +190,7 @@ def prepare_hessian(hessian: torch.Tensor, actorder: str, *, damp: float = 0.01,
         perm = torch.arange(columns, device=h.device)
     else:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-    h = h[perm][:, perm]
+    h = h.index_select(0, perm).index_select(1, perm)  # index_select: a plain, fast gather
 
     used_damp = damp
     while True:
@@ -241,7 +250,7 @@ def gptq_solve(
         result.info.update(method="rtn_fallback", damp=None)
         return result
     w = weight.float().clone()
-    w[:, dead] = 0.0
+    w.masked_fill_(dead, 0.0)
     perm = prepared.perm.to(w.device)
     upper = prepared.upper.to(w.device)
     used_damp = prepared.damp
@@ -251,7 +260,7 @@ def gptq_solve(
         # Groups stay contiguous in the original order, so their scales are fixed up front.
         static_params = _group_params_upfront(w, scheme, scale_dtype)
         orig_g_idx = _contiguous_group_index(columns, scheme.group_size).to(w.device)
-    w = w[:, perm]
+    w = w.index_select(1, perm)
 
     size = columns if scheme.group_size == -1 else scheme.group_size
     if scheme.actorder == "static":
@@ -281,7 +290,7 @@ def gptq_solve(
         w[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
 
     inverse_perm = torch.argsort(perm)
-    codes = codes[:, inverse_perm]
+    codes = codes.index_select(1, inverse_perm)
     if scheme.actorder == "static":
         scale, zero = static_params
         g_idx = orig_g_idx.to(torch.int32)
