@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
-from fabricq.data import release_freed_memory
+from fabricq.memory import release_freed_memory
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
