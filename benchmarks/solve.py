@@ -143,9 +143,10 @@ def main() -> None:
     identical = True
     for r in range(args.repeats + 1):  # repeat 0 warms up and is not counted
         order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+        results = {}
         for variant in order:
             total = 0.0
-            for (weights, hessians), mods in zip(captured, modules):
+            for layer, ((weights, hessians), mods) in enumerate(zip(captured, modules)):
                 for name, module in mods.items():
                     module.weight.data.copy_(weights[name])
                 if variant == "before":
@@ -155,12 +156,12 @@ def main() -> None:
                     start = time.perf_counter()
                     got = solve_after(settings, mods, hessians)
                 total += time.perf_counter() - start
-                if variant == "before":
-                    reference = got
-                else:
-                    identical &= all(same(got[n], reference[n]) for n in got)
+                results[variant, layer] = got
             if r:
                 times[variant].append(total)
+        for layer in range(len(captured)):
+            before, after = results["before", layer], results["after", layer]
+            identical &= before.keys() == after.keys() and all(same(after[n], before[n]) for n in before)
         if r:
             print(f"repeat {r}: " + "  ".join(f"{v} {times[v][-1]:.3f} s" for v in order), flush=True)
 
