@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fabricq.activation_cache import ActivationCache, Stage
+from fabricq.memory import share_one_malloc_arena
 from fabricq.models import decoder_layers, layer_prefix
 from fabricq.transfer import Prefetcher, TransferStream
 
@@ -240,6 +241,7 @@ class CalibrationLoop:
         if unknown:
             raise ValueError(f"gates {unknown} are not modules of {self.layer_name(index)}")
         opened: set[str] = set()
+        share_one_malloc_arena()
 
         def gate(name):
             def pause(module, args):

@@ -6,16 +6,17 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
-from fabricq.data import release_freed_memory
 from fabricq.errors import FabricqError
+from fabricq.memory import release_freed_memory
 from fabricq.models import linear_modules
-from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, layer_objectives, rtn_quantize
+from fabricq.quant.gptq import PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
 from fabricq.quant.hessian import HessianAccumulator
 
@@ -131,6 +132,15 @@ class GPTQSettings:
     true_sequential: bool = False
 
 
+@dataclass
+class _SharedPreparation:
+    """A shared-input group's mean Hessian and its GPTQ preparation, until every member has it."""
+
+    waiting: set[str]  # members that have not fetched it yet
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    value: tuple[torch.Tensor, PreparedHessian] | None = None
+
+
 class GPTQCallback(Callback):
     """Quantizes every Linear of each decoder layer: at the end of its calibration pass, or, with
     `true_sequential`, group by group at gates of a single forward — each group of modules
@@ -152,6 +162,10 @@ class GPTQCallback(Callback):
         self._solved: set[str] = set()
         self._index = -1
         self._groupings: dict[tuple[str, ...], list[list[str]]] = {}  # layer shape → groups (relative names)
+        # Prepared Hessians of the layer being solved (see `_prepared_hessian`).
+        self._prepared: dict[str, _SharedPreparation] = {}
+        self._prepared_for: weakref.ref | None = None
+        self._prepared_lock = threading.Lock()
 
     def targets(self, loop: CalibrationLoop, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
         ignore = [re.compile(p) for p in self.settings.ignore]
@@ -250,11 +264,9 @@ class GPTQCallback(Callback):
             result = rtn_quantize(weight, scheme, scale_dtype)
             stats = {}
         else:
-            h = hessians.hessian(name)
-            result = gptq_quantize(
-                weight, h, scheme,
-                block_size=self.settings.block_size, damp=self.settings.damp,
-                scale_dtype=scale_dtype, name=name,
+            h, prepared = self._prepared_hessian(name, hessians, scheme)
+            result = gptq_solve(
+                weight, prepared, scheme, block_size=self.settings.block_size, scale_dtype=scale_dtype, name=name,
             )
             dequantized = result.dequantize().to(weight.device)  # reused for the new weight below
             rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
@@ -271,6 +283,32 @@ class GPTQCallback(Callback):
             "group_size": scheme.group_size,
             "seconds": round(time.perf_counter() - start, 4),
         }, dequantized if hessians is not None else None)
+
+    def _prepared_hessian(self, name: str, hessians: SharedInputHessians,
+                          scheme: QuantScheme) -> tuple[torch.Tensor, PreparedHessian]:
+        """`name`'s mean Hessian and its `prepare_hessian`, computed once per shared-input group
+        (q/k/v, gate/up: the factorization is most of a small module's solve) by whichever member
+        asks first — solves of one layer may run in threads — and dropped once every member of the
+        group has fetched it. Members share their input width, hence their scheme."""
+        leader = hessians.leader[name]
+        with self._prepared_lock:
+            if self._prepared_for is None or self._prepared_for() is not hessians:
+                # A new layer (or Hessians object): nothing prepared before can apply.
+                self._prepared_for, self._prepared = weakref.ref(hessians), {}
+            entry = self._prepared.get(leader)
+            if entry is None:
+                members = {n for n, lead in hessians.leader.items() if lead == leader}
+                entry = self._prepared[leader] = _SharedPreparation(waiting=members)
+        with entry.lock:
+            if entry.value is None:
+                h = hessians.hessian(name)
+                entry.value = (h, prepare_hessian(h, scheme.actorder, damp=self.settings.damp))
+            value = entry.value
+        with self._prepared_lock:
+            entry.waiting.discard(name)
+            if not entry.waiting and self._prepared.get(leader) is entry:
+                del self._prepared[leader]
+        return value
 
     def install(self, name: str, module: nn.Linear, result: QuantizedWeight, stats: dict,
                 dequantized: torch.Tensor | None = None) -> None:

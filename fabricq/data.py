@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fabricq.errors import FabricqError
+from fabricq.memory import release_freed_memory
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -119,19 +120,5 @@ def prepare_text(tokenizer, data_cfg, eval_cfg) -> TextData:
         evaluation=evaluation_windows(eval_stream, eval_cfg.seq_len, eval_cfg.max_windows),
     )
     del docs, calib_docs, calib_stream, eval_stream
-    release_freed_memory()
+    release_freed_memory(collect_cycles=True)  # once: the tokenizer's transient buffers
     return text
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS: glibc keeps it otherwise, and it counts in the run's
-    peak RSS (the tokenizer's transient buffers of whole-corpus encodings, ~130 MB for the C4
-    sample; each calibrated layer's activations and Hessians). No-op off glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -1,9 +1,11 @@
 """GPTQ (Frantar et al., 2022) and round-to-nearest, as pure functions of a weight and a Hessian.
 
-Read top to bottom: `gptq_quantize` permutes columns (act-order), inverts the damped Hessian
-through Cholesky factors, then walks the columns in blocks, quantizing one column at a time and
-spreading its error over the columns not yet quantized. `rtn_quantize` is the baseline on the
-same grid. Both return a `QuantizedWeight` in the original column order.
+Read top to bottom: `prepare_hessian` finds dead columns, the act-order permutation and the
+Cholesky factor of the damped inverse Hessian (once per Hessian, i.e. per shared input);
+`gptq_solve` walks a weight's columns in blocks, quantizing one column at a time and spreading
+its error over the columns not yet quantized; `gptq_quantize` is the two for one module.
+`rtn_quantize` is the baseline on the same grid. All return a `QuantizedWeight` in the original
+column order.
 """
 
 from __future__ import annotations
@@ -72,18 +74,27 @@ def _contiguous_group_index(columns: int, group_size: int) -> torch.Tensor:
 
 def _group_params_upfront(w: torch.Tensor, scheme: QuantScheme, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale/zero from `w` as it is, groups contiguous in its column order."""
-    columns = w.shape[1]
+    rows, columns = w.shape
     size = columns if scheme.group_size == -1 else scheme.group_size
+    if columns % size == 0 and w.is_contiguous():
+        # All groups at once: each (row, group) is one row of this view; same values as the loop.
+        scale, zero = compute_qparams(w.view(rows * (columns // size), size), scheme, scale_dtype)
+        return scale.view(rows, -1), zero.view(rows, -1)
     pairs = [compute_qparams(w[:, c : c + size], scheme, scale_dtype) for c in range(0, columns, size)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
 def rtn_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype=torch.float32) -> QuantizedWeight:
     """Round each weight to the nearest grid point (groups contiguous, min-max params)."""
-    w = weight.float()
+    w = weight.float().contiguous()
+    rows, columns = w.shape
     scale, zero = _group_params_upfront(w, scheme, scale_dtype)
-    g_idx = _contiguous_group_index(w.shape[1], scheme.group_size)
-    codes = quantize_codes(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), scheme)
+    g_idx = _contiguous_group_index(columns, scheme.group_size)
+    size = columns if scheme.group_size == -1 else scheme.group_size
+    if columns % size == 0:  # broadcast each group's params over its columns instead of expanding them
+        codes = quantize_codes(w.view(rows, -1, size), scale[:, :, None], zero[:, :, None], scheme).view(rows, columns)
+    else:
+        codes = quantize_codes(w, expand_groups(scale, g_idx), expand_groups(zero, g_idx), scheme)
     return QuantizedWeight(codes.to(torch.int8), scale, zero, g_idx, scheme, {"method": "rtn"})
 
 
@@ -145,6 +156,53 @@ def _solve_block(w, codes, col_scale, col_zero, upper, i1: int, i2: int, scheme:
     return errors.T
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from one Hessian, shared by every module that reads the same input
+    (q/k/v, gate/up): it depends on the Hessian and the act-order only, never on a weight.
+
+    dead: bool (columns,) columns no input ever reached; perm: (columns,) solve order (act-order
+    depends on diag(H) alone); upper: upper Cholesky factor of the damped inverse Hessian in solve
+    order, or None when no damping up to `max_damp` made it positive definite (the modules then
+    fall back to round-to-nearest); damp: the damping used, or the last one tried if upper is None.
+    """
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    upper: torch.Tensor | None
+    damp: float
+    actorder: str
+
+
+def prepare_hessian(hessian: torch.Tensor, actorder: str, *, damp: float = 0.01,
+                    max_damp: float = 10.0) -> PreparedHessian:
+    """Dead columns, act-order permutation and the damped inverse factor of `hessian` (columns,
+    columns); damping grows tenfold while the damped Hessian is not positive definite, up to
+    `max_damp`."""
+    columns = hessian.shape[0]
+    h = hessian.to(dtype=torch.float32).clone()
+
+    # Columns that never saw a non-zero input cannot affect the output (their weights are zeroed).
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+
+    if actorder == "none":
+        perm = torch.arange(columns, device=h.device)
+    else:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    h = h.index_select(0, perm).index_select(1, perm)  # index_select: a plain, fast gather
+
+    used_damp = damp
+    while True:
+        try:
+            upper = inverse_hessian_factor(h, used_damp)
+            return PreparedHessian(dead, perm, upper, used_damp, actorder)
+        except HessianNotPositiveDefinite:
+            if used_damp * 10 > max_damp:
+                return PreparedHessian(dead, perm, None, used_damp, actorder)
+            used_damp *= 10
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -160,46 +218,49 @@ def gptq_quantize(
 
     `hessian` is the (columns, columns) mean of x·xᵀ over calibration inputs. If the damped
     Hessian is not positive definite, damping grows tenfold up to `max_damp`; past that the
-    module falls back to round-to-nearest with a warning naming it.
+    module falls back to round-to-nearest with a warning naming it. Modules sharing a Hessian
+    can call `prepare_hessian` once and `gptq_solve` for each: the results are the same.
     """
+    prepared = prepare_hessian(hessian.to(weight.device), scheme.actorder, damp=damp, max_damp=max_damp)
+    return gptq_solve(weight, prepared, scheme, block_size=block_size, scale_dtype=scale_dtype, name=name)
+
+
+def gptq_solve(
+    weight: torch.Tensor,
+    prepared: PreparedHessian,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+    name: str = "module",
+) -> QuantizedWeight:
+    """GPTQ of `weight` (rows, columns) on a Hessian prepared by `prepare_hessian`."""
+    if prepared.actorder != scheme.actorder:
+        raise ValueError(f"Hessian prepared for actorder={prepared.actorder!r}, scheme has {scheme.actorder!r}")
     rows, columns = weight.shape
+    dead = prepared.dead.to(weight.device)
+    if prepared.upper is None:
+        warnings.warn(
+            f"{name}: Hessian is not positive definite even with damp={prepared.damp:g}; "
+            "falling back to round-to-nearest for this module",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        result = rtn_quantize(weight.float().masked_fill(dead, 0.0), scheme, scale_dtype)
+        result.info.update(method="rtn_fallback", damp=None)
+        return result
     w = weight.float().clone()
-    h = hessian.to(dtype=torch.float32, device=w.device).clone()
+    w.masked_fill_(dead, 0.0)
+    perm = prepared.perm.to(w.device)
+    upper = prepared.upper.to(w.device)
+    used_damp = prepared.damp
 
-    # Columns that never saw a non-zero input cannot affect the output: zero them.
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    if scheme.actorder == "none":
-        perm = torch.arange(columns, device=w.device)
-    else:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     static_params = None
     if scheme.actorder == "static":
         # Groups stay contiguous in the original order, so their scales are fixed up front.
         static_params = _group_params_upfront(w, scheme, scale_dtype)
         orig_g_idx = _contiguous_group_index(columns, scheme.group_size).to(w.device)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-
-    used_damp = damp
-    while True:
-        try:
-            upper = inverse_hessian_factor(h, used_damp)
-            break
-        except HessianNotPositiveDefinite:
-            used_damp *= 10
-            if used_damp > max_damp:
-                warnings.warn(
-                    f"{name}: Hessian is not positive definite even with damp={used_damp / 10:g}; "
-                    "falling back to round-to-nearest for this module",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                result = rtn_quantize(weight.float().masked_fill(dead, 0.0), scheme, scale_dtype)
-                result.info.update(method="rtn_fallback", damp=None)
-                return result
+    w = w.index_select(1, perm)
 
     size = columns if scheme.group_size == -1 else scheme.group_size
     if scheme.actorder == "static":
@@ -229,7 +290,7 @@ def gptq_quantize(
         w[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
 
     inverse_perm = torch.argsort(perm)
-    codes = codes[:, inverse_perm]
+    codes = codes.index_select(1, inverse_perm)
     if scheme.actorder == "static":
         scale, zero = static_params
         g_idx = orig_g_idx.to(torch.int32)

@@ -110,4 +110,5 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def expand_groups(params: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """(rows, groups) per-group values → (rows, columns) per-column values."""
-    return params[:, g_idx.long()]
+    # index_select, not params[:, g_idx]: the same copy, several times faster on CPU.
+    return params.index_select(1, g_idx.to(device=params.device, dtype=torch.long))
