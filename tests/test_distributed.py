@@ -296,10 +296,14 @@ def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_r
     for name, stats in ref_report["modules"].items():
         assert report["modules"][name]["loss"] == pytest.approx(stats["loss"], rel=1e-3), name
         assert report["modules"][name]["tokens"] == stats["tokens"] == 13 * 64
-    # Only upper triangles travelled: 64·65/2 and 172·173/2 floats per group, 3 + 1 groups per layer.
+    # Only upper triangles travelled: 64·65/2 and 172·173/2 floats per group, 3 + 1 groups per
+    # layer; a true-sequential gate with fewer groups than ranks shares a group's modules out
+    # and all-reduces its Hessian (each rank sends it), so between one and two triangles each.
     assert report["distributed"]["upper_triangle"]
     per_layer = (3 * 64 * 65 // 2 + 172 * 173 // 2) * 4
-    assert report["distributed"]["bytes_sent"]["hessian_reduce"] == 5 * per_layer
+    sent = report["distributed"]["bytes_sent"]["hessian_reduce"]
+    assert 5 * per_layer <= sent <= 2 * 5 * per_layer
+    assert sent < 5 * (3 * 64 * 64 + 172 * 172) * 4  # less than the full matrices would have been
     # Evaluation sharded over the ranks gives the one-rank numbers.
     assert report["ppl_before"] == pytest.approx(ref_report["ppl_before"], rel=1e-9)
     assert report["eval_tokens"] == ref_report["eval_tokens"]
