@@ -23,6 +23,7 @@ from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback
 from fabricq.calibration import CalibrationLoop
 from fabricq.data import check_text_path, prepare_text
 from fabricq.errors import FabricqError
+from fabricq.memory import return_large_blocks_to_os
 from fabricq.models import (
     DTYPES,
     check_finite_weights,
@@ -145,6 +146,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     settings = validate_config(cfg)
+    # Freed tensors go back to the OS at once instead of piling up in the heap (peak RSS).
+    return_large_blocks_to_os()
     check_output_dir(output_dir, cfg.overwrite)
     source = resolve_model_source(cfg.model.path)
     model_config = check_model_files(source)
