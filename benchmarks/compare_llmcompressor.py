@@ -203,12 +203,13 @@ def load_checkpoint_into(model, checkpoint: Path) -> None:
 # ---------------------------------------------------------------- the FLOP floor
 
 
-def count_flops(model, samples: int, seq_len: int) -> dict:
+def count_flops(model, samples: int, seq_len: int, true_sequential: bool = True) -> dict:
     """Floating-point work of fabricq's GPTQ run on `model` (multiply-add = 2 FLOPs).
 
-    forward: per decoder layer, the calibration pass (every Linear but the last one, whose input
-    is the last thing observed, plus attention with its causal half of QKᵀ and AV) and the
-    error-propagation pass (the whole layer; none after the last layer). hessian: one symmetric
+    forward: per decoder layer, with `true_sequential` (fabricq's default) one gated forward of
+    the whole layer (every Linear, plus attention with its causal half of QKᵀ and AV); else the
+    calibration pass (every Linear but the last one, whose input is the last thing observed, plus
+    attention) and the error-propagation pass (the whole layer; none after the last layer). hessian: one symmetric
     X·Xᵀ per distinct input of a layer (q/k/v share one, gate/up share one), counted as its
     triangle, the least any method must compute. solve: per module, the GPTQ column updates
     (rows·cols²) and the factorisations of the cols×cols Hessian (~cols³)."""
@@ -224,9 +225,12 @@ def count_flops(model, samples: int, seq_len: int) -> dict:
     for index, layer in enumerate(layers):
         modules = list(linear_modules(layer, str(index)).items())
         products = [2 * m.in_features * m.out_features * tokens for _, m in modules]
-        calibration = sum(products[:-1]) + attention
-        propagation = 0 if index == len(layers) - 1 else sum(products) + attention
-        forward += calibration + propagation
+        if true_sequential:
+            forward += sum(products) + attention
+        else:
+            calibration = sum(products[:-1]) + attention
+            propagation = 0 if index == len(layers) - 1 else sum(products) + attention
+            forward += calibration + propagation
         inputs = {}
         for name, m in modules:
             leaf = name.rsplit(".", 1)[-1]
@@ -375,7 +379,7 @@ def main(argv=None) -> int:
         print(f"  perplexity {tool}: {ppl[tool]:.4f}", flush=True)
 
     # The floor.
-    flops = count_flops(model, *ids.shape)
+    flops = count_flops(model, *ids.shape, true_sequential=bool(cfg.quant.true_sequential))
     rates = measure_rates(args.threads, model.config.hidden_size, model.config.intermediate_size)
     best_rate = max(rates.values())
     floor_s = flops["total"] / best_rate
