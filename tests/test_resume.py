@@ -22,7 +22,9 @@ from fabricq.errors import FabricqError
 
 ARGS = ["+recipe=gptq_w4", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
 # About three batches of hidden states in host memory: the rest is spilled to disk.
-SPILL = ["cache.host_mib=0.1", "quant.true_sequential=false"]
+# Budgets need the two-forward mode (quant.true_sequential=false).
+LAYER_MODE = ["quant.true_sequential=false"]
+SPILL = ["cache.host_mib=0.1", *LAYER_MODE]
 
 # Runs fabricq in this process after patching it to SIGKILL itself at a chosen point, so the kill
 # lands exactly where the test wants it (no cleanup handler can run).
@@ -83,6 +85,15 @@ def uninterrupted(models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_layer_mode(models, tmp_path_factory):
+    """The same run in the two-forward mode, all in memory: the reference of the spilling runs."""
+    out = tmp_path_factory.mktemp("resume_ref_layer_mode") / "out"
+    result = run_cli(*ARGS, *LAYER_MODE, f"model.path={models[0]}", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def start_killable(mode: str, layer: int, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "KILL_MODE": mode, "KILL_LAYER": str(layer)}
     return subprocess.Popen([sys.executable, "-c", KILLER, *args], cwd=REPO_ROOT, env=env,
@@ -102,7 +113,7 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def test_sigkill_between_layers_then_same_command_resumes_bit_identical(models, uninterrupted, tmp_path):
+def test_sigkill_between_layers_then_same_command_resumes_bit_identical(models, uninterrupted_layer_mode, tmp_path):
     """Poll the work directory for layer 1's state file, SIGKILL the run, re-run the same command
     (with a host budget that spills to disk, which must not change the result either)."""
     out = tmp_path / "out"
@@ -128,7 +139,7 @@ def test_sigkill_between_layers_then_same_command_resumes_bit_identical(models, 
     assert report["cache"]["disk"]["spilled_batches"] > 0
     assert report["cache"]["host"]["peak_mib"] <= 0.1
     assert not work_dir(out).exists()
-    assert_same_checkpoint(out, uninterrupted)
+    assert_same_checkpoint(out, uninterrupted_layer_mode)
 
 
 def test_kill_mid_snapshot_refuses_other_config_or_model_then_resumes(models, uninterrupted, tmp_path):
