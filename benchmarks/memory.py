@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from quantize import REPO, child_env, hydra_value
+from quantize import REPO, child_env, hydra_value, print_aligned
 
 
 def variants(batch_mib: float) -> dict[str, list[str]]:
@@ -106,11 +106,9 @@ def main() -> None:
                          f"{r['quantize_s']:.1f}", f"{r['time_vs_unlimited_prefetch']:.3f}",
                          f"{r['cache_host_peak_mib']:.1f}", f"{r['cache_disk_peak_mib']:.1f}",
                          str(r["spilled_batches"])] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     print(f"\n{args.num_samples} × {args.seq_len} tokens, batch {args.batch_size}, {args.threads} thread(s), "
           f"median of {args.repeats} interleaved repeats {' '.join(args.overrides)}")
-    for c in cells:
-        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+    print_aligned(cells)
 
     out = REPO / "benchmarks" / "results" / f"memory-{stamp}.json"
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "rows": rows, "runs": runs}, indent=2))

@@ -233,11 +233,11 @@ def main() -> None:
     if len(sources) > 1:
         base = totals[str(sources[0])]["hwm_mib"]
         cells.append(["peak vs first source"] + [x for s in sources for x in (f"{totals[str(s)]['hwm_mib'] / base:.3f}", "")])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     print(f"\n{args.num_samples} × {args.seq_len} tokens, batch {args.batch_size}, {args.threads} thread(s), "
           f"median of {args.repeats} interleaved repeat(s)")
-    for c in cells:
-        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths))))
+    from quantize import print_aligned  # here, not at the top: the measured child imports this file
+
+    print_aligned(cells)
     out = REPO / "benchmarks" / "results" / f"peak-rss-{stamp}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
                                "table": table, "totals": totals, "runs": runs}, indent=2))

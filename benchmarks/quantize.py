@@ -110,15 +110,21 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+def print_aligned(cells: list[list[str]], rule: bool = False) -> None:
+    """Rows of text cells as columns: the first left-aligned, the rest right-aligned; `rule`
+    underlines the first row (the header)."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if rule and n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def print_table(rows: list[dict]) -> None:
     cells = [[h for _, h, _ in COLUMNS]]
     for row in rows:
         cells.append([fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    for n, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned(cells, rule=True)
 
 
 def ratios(rows: list[dict]) -> dict:
