@@ -71,8 +71,9 @@ class CapturingCallback(GPTQCallback):
         self.layers = []
 
     def on_layer_end(self, loop, index, layer):
-        weights = {n: m.weight.detach().clone() for n, m in self._targets.items()}
-        self.layers.append((weights, self._hessians))
+        state = self._layers[index]
+        weights = {n: m.weight.detach().clone() for n, m in state.targets.items()}
+        self.layers.append((weights, state.hessians))
         return super().on_layer_end(loop, index, layer)
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fabricq.callbacks import GPTQCallback, GPTQSettings
+from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState
 from fabricq.quant.grid import QuantScheme
 from fabricq.quant.hessian import HessianAccumulator
 
@@ -60,7 +60,7 @@ def solve_layer(threads: int, hessians: FixedHessians, seed: int) -> tuple[float
     torch.manual_seed(seed)
     targets = {n: nn.Linear(i, o, bias=False) for n, (o, i, _) in SHAPES.items()}
     callback = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 64, True, "static"), solve_threads=threads))
-    callback._targets, callback._hessians = targets, hessians
+    callback._layers[0] = LayerState(0, targets, hessians)
     start = time.perf_counter()
     callback.on_layer_end(None, 0, None)
     return time.perf_counter() - start, callback.quantized

@@ -92,6 +92,8 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
     if not isinstance(cfg.pipeline.prefetch, bool):
         raise FabricqError(f"pipeline.prefetch must be true or false, got {cfg.pipeline.prefetch!r}")
     _positive_int(cfg.pipeline.solve_threads, "pipeline.solve_threads")
+    if cfg.pipeline.lag not in (0, 1) or isinstance(cfg.pipeline.lag, bool):
+        raise FabricqError(f"pipeline.lag must be 0 or 1, got {cfg.pipeline.lag!r}")
     check_budgets(0, cfg.cache.device_mib, cfg.cache.host_mib, "")
     if not isinstance(q.true_sequential, bool):
         raise FabricqError(f"quant.true_sequential must be true or false, got {q.true_sequential!r}")
@@ -101,6 +103,11 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
         raise FabricqError(
             f"quant.true_sequential=true holds every batch's activations inside a layer at once, so "
             f"{' and '.join(budgets)} cannot be honoured: set quant.true_sequential=false to use cache budgets"
+        )
+    if cfg.pipeline.lag and q.true_sequential and q.method == "gptq":
+        raise FabricqError(
+            "pipeline.lag=1 calibrates each layer on the previous layer's unquantized outputs, which the "
+            "one-forward true-sequential mode cannot do: set quant.true_sequential=false with pipeline.lag=1"
         )
     distributed.validate_trainer(cfg.trainer, cfg.data)
     return GPTQSettings(
@@ -215,7 +222,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     loop = CalibrationLoop(
         model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
         callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq)],
-        cache=cache, prefetch=cfg.pipeline.prefetch,
+        cache=cache, prefetch=cfg.pipeline.prefetch, lag=cfg.pipeline.lag,
     )
     start_layer, inputs = 0, None
     finished = work.latest_finished_layer() if resuming else None

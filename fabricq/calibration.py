@@ -11,13 +11,20 @@ batches continue through the changed module. The forward that observed the input
 produces the quantized layer's outputs, and no second pass is needed. Coroutines take turns (one
 runs at a time, batches in order), so every sum is added in the same order as in a plain loop.
 
-Only the current layer (and the next one, while it is prefetched) is on the compute device;
-hidden states live in an `ActivationCache` (device, host, disk within budgets).
+Lagged pipeline (`lag=1`): `on_layer_end` of layer i (the GPTQ solves) runs on a worker thread
+while layer i+1 is calibrated on layer i's *unquantized* outputs, which its calibration forward
+already produced. No forward is repeated and the solves overlap the next forward, at the price of
+error propagation: every layer is calibrated on the original model's activations.
+
+Only the current layer (and the next one, while it is prefetched, or the previous one, while it is
+solved with a lag) is on the compute device; hidden states live in an `ActivationCache` (device,
+host, disk within budgets).
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -190,10 +197,13 @@ class CalibrationLoop:
     """Drives layer-by-layer calibration of `model` on `samples` (num_samples, seq_len).
 
     `cache`: where hidden states live between layers (default: unlimited memory). `prefetch`:
-    copy the next layer's weights to the compute device while the current one runs."""
+    copy the next layer's weights to the compute device while the current one runs. `lag`: 0, or
+    1 to end each layer (solve it) on a worker thread while the next one is calibrated."""
 
     def __init__(self, model: nn.Module, samples: torch.Tensor, *, device, batch_size: int, callbacks,
-                 cache: ActivationCache | None = None, prefetch: bool = True):
+                 cache: ActivationCache | None = None, prefetch: bool = True, lag: int = 0):
+        if lag not in (0, 1):
+            raise ValueError(f"lag must be 0 or 1, got {lag!r}")
         self.model = model
         self.samples = samples
         self.device = torch.device(device)
@@ -205,6 +215,7 @@ class CalibrationLoop:
         self.cache = cache if cache is not None else ActivationCache(self.device, prefetch=prefetch)
         self.transfer = TransferStream(self.device)
         self.prefetch = prefetch
+        self.lag = lag
         self.kwargs: list[dict] = []
 
     def layer_name(self, index: int) -> str:
@@ -308,7 +319,6 @@ class CalibrationLoop:
         """Calibrate layers `start_layer`… in order. A resumed run passes the layer to continue
         from and the hidden states entering it (earlier layers must already be final)."""
         observe = any(cb.needs_activations for cb in self.callbacks)
-        home = next(self.layers.parameters()).device
         if observe and start_layer < self.num_layers:
             if start_layer == 0:
                 inputs = self.capture()
@@ -316,8 +326,16 @@ class CalibrationLoop:
                 self.capture(keep_hidden=False)
                 if inputs is None or len(inputs) != len(self.kwargs):
                     raise ValueError(f"resuming at layer {start_layer} needs the hidden states of every batch")
-        layer_loader = Prefetcher(self.prefetch, "fabricq-layer")
         self._fire("on_run_start")
+        if self.lag and observe:
+            self._run_lagged(start_layer, inputs)
+        else:
+            self._run_in_step(start_layer, inputs, observe)
+        self._fire("on_run_end")
+
+    def _run_in_step(self, start_layer: int, inputs: Stage | None, observe: bool) -> None:
+        home = next(self.layers.parameters()).device
+        layer_loader = Prefetcher(self.prefetch, "fabricq-layer")
         last = self.num_layers - 1
         pending = layer_loader.submit(lambda: self.transfer.module_to_device(self.layers[start_layer])) \
             if start_layer <= last else None
@@ -351,7 +369,57 @@ class CalibrationLoop:
             layer_loader.close()
             if inputs is not None:
                 inputs.release()
-        self._fire("on_run_end")
+
+    def _end_layer_on_worker(self, index: int, layer: nn.Module) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.no_grad():  # grad mode is per thread
+            self._fire("on_layer_end", index, layer)
+
+    def _run_lagged(self, start_layer: int, inputs: Stage) -> None:
+        """`lag=1` (see the module docstring): per layer, one calibration forward that also keeps
+        the outputs, then `on_layer_end` on a worker. Layer i is complete (`on_layer_complete`
+        with the next layer's inputs, i.e. its unquantized outputs) once its worker has finished,
+        which the loop waits for after layer i+1's forward; only then does layer i+2's prefetch
+        start, so at most two layers are on the compute device."""
+        home = next(self.layers.parameters()).device
+        layer_loader = Prefetcher(self.prefetch, "fabricq-layer")
+        solver = ThreadPoolExecutor(1, thread_name_prefix="fabricq-lag")
+        last = self.num_layers - 1
+        pending = layer_loader.submit(lambda: self.transfer.module_to_device(self.layers[start_layer]))
+        ending: tuple[int, Future] | None = None  # the layer being solved on the worker
+
+        def complete_previous(next_inputs: Stage | None) -> None:
+            nonlocal ending
+            if ending is None:
+                return
+            previous, future = ending
+            ending = None
+            future.result()  # the worker's error, if any, surfaces here
+            self.layers[previous].to(home)
+            self._fire("on_layer_complete", previous, next_inputs)
+
+        try:
+            for index in range(start_layer, self.num_layers):
+                layer = self.layers[index]
+                self.transfer.wait_all(pending.result())
+                self._fire("on_layer_start", index, layer)
+                if [g for gates in self._fire("gates", index, layer) for g in gates]:
+                    raise ValueError("a lagged pipeline (lag=1) cannot run gated (true-sequential) forwards")
+                outputs = self.cache.new_stage() if index < last else None
+                self._forward(layer, inputs, index, observe=True, outputs=outputs)
+                complete_previous(inputs)  # this layer's inputs are the previous one's outputs
+                if index < last:  # the next layer's weights travel while this one is solved
+                    pending = layer_loader.submit(lambda i=index + 1: self.transfer.module_to_device(self.layers[i]))
+                inputs.release()
+                inputs = outputs
+                ending = (index, solver.submit(self._end_layer_on_worker, index, layer))
+            complete_previous(None)
+        finally:
+            solver.shutdown(wait=True)  # never leave a worker writing weights behind an error
+            layer_loader.close()
+            if inputs is not None:
+                inputs.release()
 
     def _move_outside_layers(self, device) -> None:
         inside = {id(m) for m in self.layers.modules()}

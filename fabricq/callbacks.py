@@ -133,6 +133,18 @@ class GPTQSettings:
 
 
 @dataclass
+class LayerState:
+    """What GPTQCallback knows about one decoder layer between its start and its end. Per layer,
+    not per callback: with `pipeline.lag=1` a layer is solved (on a worker thread) while the next
+    one is calibrated."""
+
+    index: int
+    targets: dict[str, nn.Linear]  # full module name → module
+    hessians: SharedInputHessians | None = None  # None for round-to-nearest
+    solved: set[str] = field(default_factory=set)
+
+
+@dataclass
 class _SharedPreparation:
     """A shared-input group's mean Hessian and its GPTQ preparation, until every member has it."""
 
@@ -157,10 +169,7 @@ class GPTQCallback(Callback):
         self.needs_activations = settings.method == "gptq"
         self.quantized: dict[str, QuantizedWeight] = {}
         self.stats: dict[str, dict] = {}
-        self._targets: dict[str, nn.Linear] = {}
-        self._hessians: SharedInputHessians | None = None
-        self._solved: set[str] = set()
-        self._index = -1
+        self._layers: dict[int, LayerState] = {}  # layers started and not yet ended
         self._groupings: dict[tuple[str, ...], list[list[str]]] = {}  # layer shape → groups (relative names)
         # Prepared Hessians of the layer being solved (see `_prepared_hessian`).
         self._prepared: dict[str, _SharedPreparation] = {}
@@ -180,80 +189,89 @@ class GPTQCallback(Callback):
     def _gated(self) -> bool:
         return self.settings.true_sequential and self.settings.method == "gptq"
 
-    def _shape_key(self, loop, index: int) -> tuple[str, ...]:
-        cut = len(loop.layer_name(index)) + 1
-        return tuple(name[cut:] for name in self._targets)
+    @staticmethod
+    def _shape_key(loop, state: LayerState) -> tuple[str, ...]:
+        cut = len(loop.layer_name(state.index)) + 1
+        return tuple(name[cut:] for name in state.targets)
+
+    def new_layer_state(self, index: int, targets: dict[str, nn.Linear]) -> LayerState:
+        return LayerState(index, targets)
 
     def on_layer_start(self, loop, index, layer):
-        self._index = index
-        self._targets = self.targets(loop, index, layer)
-        self._solved = set()
+        state = self._layers[index] = self.new_layer_state(index, self.targets(loop, index, layer))
         if self.settings.method == "gptq":
             groups = None
-            known = self._groupings.get(self._shape_key(loop, index)) if self._gated else None
+            known = self._groupings.get(self._shape_key(loop, state)) if self._gated else None
             if known is not None:
                 prefix = loop.layer_name(index) + "."
                 groups = [[prefix + n for n in group] for group in known]
-            self._hessians = SharedInputHessians(
-                self._targets, self.settings.hessian_dtype, stop_early=not self._gated, groups=groups)
+            # The calibration forward may stop after the last module's input unless its outputs
+            # are used: gated, or with a lag, where the next layer is fed the unquantized outputs.
+            stop_early = not self._gated and not getattr(loop, "lag", 0)
+            state.hessians = SharedInputHessians(
+                state.targets, self.settings.hessian_dtype, stop_early=stop_early, groups=groups)
 
     def gates(self, loop, index, layer) -> list[str]:
-        if not self._gated or not self._targets:
+        state = self._layers[index]
+        if not self._gated or not state.targets:
             return []
-        if self._hessians.preset:  # one gate per group, at the member called first
-            return [group[0] for group in self._hessians.groups()]
-        return list(self._targets)  # grouping unknown yet: every module waits for all batches
+        if state.hessians.preset:  # one gate per group, at the member called first
+            return [group[0] for group in state.hessians.groups()]
+        return list(state.targets)  # grouping unknown yet: every module waits for all batches
 
     def on_gate(self, loop, index, layer, name):
-        if name not in self._targets:
+        state = self._layers[index]
+        if name not in state.targets:
             return
-        group = self._hessians.group_of(name) if self._hessians.preset else [name]
-        pending = [n for n in group if n not in self._solved]
+        group = state.hessians.group_of(name) if state.hessians.preset else [name]
+        pending = [n for n in group if n not in state.solved]
         if pending:
-            self.solve_groups([pending])
+            self.solve_groups(state, [pending])
 
     def on_batch_end(self, loop, index, batch):
-        if self._hessians is not None:
-            self._hessians.end_batch()
+        hessians = self._layers[index].hessians
+        if hessians is not None:
+            hessians.end_batch()
 
     def on_layer_end(self, loop, index, layer) -> bool:
-        hessians = self._hessians
+        state = self._layers[index]
+        hessians = state.hessians
         if hessians is not None:
             hessians.remove()
-            silent = [n for n in self._targets if n not in hessians.leader]
+            silent = [n for n in state.targets if n not in hessians.leader]
             if silent:
                 raise FabricqError(f"{', '.join(silent)} received no calibration input in the forward pass")
             groups = hessians.groups()
             if self._gated and not hessians.preset:
                 cut = len(loop.layer_name(index)) + 1
-                self._groupings[self._shape_key(loop, index)] = [[n[cut:] for n in g] for g in groups]
+                self._groupings[self._shape_key(loop, state)] = [[n[cut:] for n in g] for g in groups]
         else:
-            groups = [[name] for name in self._targets]
-        pending = [[n for n in g if n not in self._solved] for g in groups]
+            groups = [[name] for name in state.targets]
+        pending = [[n for n in g if n not in state.solved] for g in groups]
         pending = [g for g in pending if g]
         if pending:
-            self.solve_groups(pending)
-        self._hessians = None
+            self.solve_groups(state, pending)
+        del self._layers[index]
         release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(pending)
 
-    def solve_groups(self, groups: list[list[str]]) -> None:
-        """Quantize the modules of `groups` (lists of modules sharing a Hessian) of the current layer."""
-        hessians = self._hessians
+    def solve_groups(self, state: LayerState, groups: list[list[str]]) -> None:
+        """Quantize the modules of `groups` (lists of modules sharing a Hessian) of layer `state`."""
+        hessians, targets = state.hessians, state.targets
         names = [n for group in groups for n in group]
         if self.settings.solve_threads > 1 and len(names) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             # Solves of one layer are independent; torch releases the GIL inside them.
             with ThreadPoolExecutor(self.settings.solve_threads, thread_name_prefix="fabricq-solve") as pool:
-                list(pool.map(lambda n: self.quantize_module(n, self._targets[n], hessians), names))
+                list(pool.map(lambda n: self.quantize_module(n, targets[n], hessians), names))
             for table in (self.quantized, self.stats):  # the order of a sequential run
                 for name in names:
                     table[name] = table.pop(name)
         else:
             for name in names:
-                self.quantize_module(name, self._targets[name], hessians)
-        self._solved.update(names)
+                self.quantize_module(name, targets[name], hessians)
+        state.solved.update(names)
 
     def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:
         start = time.perf_counter()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fabricq.callbacks import GPTQCallback, GPTQSettings
+from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState
 from fabricq.errors import FabricqError
 from fabricq.quant.gptq import QuantizedWeight
 
@@ -375,6 +375,11 @@ def _result_buffers(rows: int, cols: int, groups: int, device) -> dict[str, torc
 ALL_RANKS = -2  # a Hessian sum every rank holds (all-reduced)
 
 
+@dataclass
+class _DistributedLayerState(LayerState):
+    sum_holder: dict[str, int] = field(default_factory=dict)  # leader → rank holding its summed Hessian (or ALL_RANKS)
+
+
 class DistributedGPTQCallback(GPTQCallback):
     """GPTQCallback whose solves (at the layer end, or at each gate of a true-sequential forward)
     reduce each shared-input Hessian to one owner rank, solve the groups this rank owns, and
@@ -392,36 +397,35 @@ class DistributedGPTQCallback(GPTQCallback):
         self.layers: list[dict] = []
         self.bytes = {"hessian_reduce": 0, "result_broadcast": 0, "metadata": 0}
 
-    def _solve_group(self, names: list[str]) -> float:
+    def _solve_group(self, state: "_DistributedLayerState", names: list[str]) -> float:
         start = time.perf_counter()
         for name in names:
-            self.quantize_module(name, self._targets[name], self._hessians)
+            self.quantize_module(name, state.targets[name], state.hessians)
         return time.perf_counter() - start
 
-    def on_layer_start(self, loop, index, layer):
-        super().on_layer_start(loop, index, layer)
-        self._sum_holder: dict[str, int] = {}  # leader → rank holding its summed Hessian (or ALL_RANKS)
+    def new_layer_state(self, index, targets):
+        return _DistributedLayerState(index, targets)
 
-    def solve_groups(self, groups: list[list[str]]) -> None:
+    def solve_groups(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
         dist = torch.distributed
-        hessians = self._hessians
+        hessians = state.hessians
         tick = time.perf_counter()
         if len(groups) < self.world_size:
             # Too few groups to keep every rank busy (a true-sequential gate solves one group):
             # share out the modules; their common Hessian then goes to each of their owners.
             groups = [[name] for group in groups for name in group]
-        tasks = [SolveTask(self._targets[g[0]].in_features, tuple(self._targets[n].out_features for n in g))
+        tasks = [SolveTask(state.targets[g[0]].in_features, tuple(state.targets[n].out_features for n in g))
                  for g in groups]
         costs = [self.cost_model.predict(t) for t in tasks]
         leaders = [hessians.leader[g[0]] for g in groups]
         # A group whose Hessian sum one rank already holds (a gated first layer solves q, then k,
         # which shares q's input) stays with that rank; the others are balanced.
-        owners = [max(self._sum_holder.get(leader, -1), -1) for leader in leaders]  # ALL_RANKS: free
+        owners = [max(state.sum_holder.get(leader, -1), -1) for leader in leaders]  # ALL_RANKS: free
         free = [g for g, owner in enumerate(owners) if owner == -1]
         if free:
             for g, owner in zip(free, assign_to_ranks([costs[g] for g in free], self.world_size)):
                 owners[g] = owner
-        fresh = list(dict.fromkeys(leaders[g] for g in range(len(groups)) if leaders[g] not in self._sum_holder))
+        fresh = list(dict.fromkeys(leaders[g] for g in range(len(groups)) if leaders[g] not in state.sum_holder))
         tokens = torch.tensor([hessians.accumulators[l].tokens for l in fresh], dtype=torch.int64, device=self.device)
         if fresh:
             dist.all_reduce(tokens)
@@ -434,11 +438,11 @@ class DistributedGPTQCallback(GPTQCallback):
             if len(targets) == 1:  # to its one owner only
                 owner = targets.pop()
                 work = dist.reduce(payload, dst=owner, async_op=True)
-                self._sum_holder[leader] = owner
+                state.sum_holder[leader] = owner
                 self.bytes["hessian_reduce"] += size if owner != self.rank else 0
             else:  # several owners share this Hessian: every rank gets the sum
                 work = dist.all_reduce(payload, async_op=True)
-                self._sum_holder[leader] = ALL_RANKS
+                state.sum_holder[leader] = ALL_RANKS
                 self.bytes["hessian_reduce"] += size
             pending[leader] = (work, payload, int(tokens[i]))
         reduces = {leader: item[0] for leader, item in pending.items()}
@@ -454,9 +458,9 @@ class DistributedGPTQCallback(GPTQCallback):
                     if self.upper_triangle:
                         acc.sum = unpack_upper(payload, acc.sum.shape[0])
                     acc.tokens = total
-                solve_s[g] = self._solve_group(names)
+                solve_s[g] = self._solve_group(state, names)
             for name in names:
-                module = self._targets[name]
+                module = state.targets[name]
                 scheme = self.scheme_for(module)
                 n_groups = 1 if scheme.group_size == -1 else math.ceil(module.in_features / scheme.group_size)
                 if owner == self.rank:
@@ -470,7 +474,7 @@ class DistributedGPTQCallback(GPTQCallback):
         for work in [*reduces.values(), *broadcasts]:
             work.wait()
         for leader, (_, payload, total) in pending.items():  # all-reduced sums this rank did not use yet
-            if self._sum_holder[leader] == ALL_RANKS:
+            if state.sum_holder[leader] == ALL_RANKS:
                 acc = hessians.accumulators[leader]
                 if self.upper_triangle:
                     acc.sum = unpack_upper(payload, acc.sum.shape[0])
@@ -493,7 +497,7 @@ class DistributedGPTQCallback(GPTQCallback):
                     bufs, scheme = received[name]
                     cpu = {k: v.cpu() for k, v in bufs.items()}
                     qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, part["info"][name])
-                    self.install(name, self._targets[name], qw, stats)
+                    self.install(name, state.targets[name], qw, stats)
 
         planned_in_seconds = self.cost_model.in_seconds
         for task, seconds in zip(tasks, solve_s):
@@ -506,17 +510,18 @@ class DistributedGPTQCallback(GPTQCallback):
         groups_report = [{"modules": names, "cols": t.cols, "rows": list(t.rows), "owner": r,
                           "planned": round(c, 6 if planned_in_seconds else 0), "solve_s": round(s, 4)}
                          for names, t, c, s, r in zip(groups, tasks, costs, solve_s, owners)]
-        self._record_step(groups_report, planned, achieved, planned_in_seconds, time.perf_counter() - tick)
-        self._solved.update(n for names in groups for n in names)
+        self._record_step(state.index, groups_report, planned, achieved, planned_in_seconds,
+                          time.perf_counter() - tick)
+        state.solved.update(n for names in groups for n in names)
 
-    def _record_step(self, groups: list[dict], planned: list[float], achieved: list[float],
+    def _record_step(self, index: int, groups: list[dict], planned: list[float], achieved: list[float],
                      planned_in_seconds: bool, wall_s: float) -> None:
         """Add one solve step to the current layer's report entry. A layer solved in several steps
         (true-sequential gates) waits for each step's slowest rank, so its makespan is the sum of
         the steps' makespans."""
-        entry = self.layers[-1] if self.layers and self.layers[-1]["layer"] == self._index else None
+        entry = self.layers[-1] if self.layers and self.layers[-1]["layer"] == index else None
         if entry is None:
-            entry = {"layer": self._index, "groups": [], "steps": 0,
+            entry = {"layer": index, "groups": [], "steps": 0,
                      "planned_unit": "s" if planned_in_seconds else "analytic (cols³ + Σ rows·cols²)",
                      "planned_per_rank": [0.0] * self.world_size, "planned_makespan": 0.0,
                      "achieved_per_rank_s": [0.0] * self.world_size, "achieved_makespan_s": 0.0, "wall_s": 0.0}

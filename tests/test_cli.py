@@ -125,6 +125,8 @@ def test_overwrite_replaces_output_with_rtn(tiny_run, tiny_llama, tmp_path):
         (["quant.actorder=random"], "quant.actorder must be one of"),
         (["model.path=/nonexistent/model"], "model.path does not exist: /nonexistent/model"),
         (["data.path=/nonexistent/text.txt"], "data.path does not exist"),
+        (["pipeline.lag=2"], "pipeline.lag must be 0 or 1, got 2"),
+        (["pipeline.lag=1"], "set quant.true_sequential=false with pipeline.lag=1"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):

@@ -214,6 +214,18 @@ def test_float64_hessians_give_bit_identical_checkpoints_on_1_2_3_ranks(one_rank
     _assert_identical(reference, multirun_2_and_3_ranks / "1")
 
 
+def test_lagged_pipeline_on_2_ranks_matches_1_rank(shared_path, tmp_path):
+    """pipeline.lag=1 runs each layer's Hessian reductions and result broadcasts on a worker thread
+    while the next layer's forward runs: still bit-identical to one rank with float64 Hessians."""
+    result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
+                     "quant.true_sequential=false", "pipeline.lag=1", "trainer.devices=1,2",
+                     "eval.enabled=false", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_identical(tmp_path / "0", tmp_path / "1")
+    report = json.loads((tmp_path / "1" / "report.json").read_text())
+    assert [layer["layer"] for layer in report["distributed"]["layers"]] == list(range(5))
+
+
 PROBE = """
 import os, sys
 import fabricq.export, fabricq.distributed
@@ -231,10 +243,10 @@ fabricq.export.save_compressed_checkpoint = recording_save
 fail_rank = os.environ.get("PROBE_FAIL_RANK")
 solve = fabricq.distributed.DistributedGPTQCallback._solve_group
 
-def failing_solve(self, names):
+def failing_solve(self, state, names):
     if str(self.rank) == fail_rank and "layers.1." in names[0]:
         raise RuntimeError("injected failure")
-    return solve(self, names)
+    return solve(self, state, names)
 
 fabricq.distributed.DistributedGPTQCallback._solve_group = failing_solve
 main()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fabricq.callbacks as callbacks
-from fabricq.callbacks import GPTQCallback, GPTQSettings, SharedInputHessians
+from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState, SharedInputHessians
 from fabricq.quant.gptq import gptq_quantize, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme
 
@@ -103,7 +103,7 @@ def test_layer_solve_prepares_each_group_once_and_matches_per_module_solves(solv
     real_prepare = callbacks.prepare_hessian
     monkeypatch.setattr(callbacks, "prepare_hessian", lambda h, *a, **k: calls.append(h.shape) or real_prepare(h, *a, **k))
     callback = GPTQCallback(settings)
-    callback._targets, callback._hessians = modules, hessians
+    callback._layers[0] = LayerState(0, modules, hessians)
     callback.on_layer_end(None, 0, None)
     assert sorted(calls) == [(64, 64), (COLS, COLS)]  # once per shared-input group
     assert callback._prepared == {}  # freed once every member had it

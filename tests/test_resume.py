@@ -191,10 +191,11 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_in_process_resume_matches_uninterrupted(tmp_path, method):
+@pytest.mark.parametrize("method, lag", [("gptq", 0), ("rtn", 0), ("gptq", 1)])
+def test_in_process_resume_matches_uninterrupted(tmp_path, method, lag):
     """The loop entry point: crash after layer 1's commit, restore into a fresh model, continue at
-    layer 2 from the saved hidden states: the same quantized results as one uninterrupted run."""
+    layer 2 from the saved hidden states: the same quantized results as one uninterrupted run
+    (with a lag, layer 1 is committed after layer 2's forward, with layer 1's unquantized outputs)."""
     from fabricq.activation_cache import ActivationCache
     from fabricq.calibration import CalibrationLoop
     from fabricq.callbacks import GPTQCallback, GPTQSettings
@@ -206,7 +207,8 @@ def test_in_process_resume_matches_uninterrupted(tmp_path, method):
 
     def loop_for(model, gptq, extra=()):
         cache = ActivationCache("cpu", host_bytes=2 * 16 * 32 * 4, spill_dir=tmp_path / "spill")
-        return CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[gptq, *extra], cache=cache)
+        return CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[gptq, *extra], cache=cache,
+                              lag=lag)
 
     reference = GPTQCallback(settings)
     loop_for(tiny_llama(), reference).run()
