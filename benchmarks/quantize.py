@@ -31,7 +31,7 @@ def hydra_value(value) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def overrides(args, recipe: str, output_dir: Path) -> list[str]:
+def overrides(args, recipe: str, output_dir: Path, extra: list[str] = ()) -> list[str]:
     result = [f"+recipe={recipe}", f"output_dir={hydra_value(output_dir)}", "overwrite=true"]
     if args.model:
         result.append(f"model.path={hydra_value(Path(args.model).resolve())}")
@@ -45,7 +45,7 @@ def overrides(args, recipe: str, output_dir: Path) -> list[str]:
         f"eval.seq_len={args.eval_seq_len}",
         f"eval.max_windows={'null' if args.max_windows is None else args.max_windows}",
     ]
-    return result + list(args.extra)
+    return result + list(args.extra) + list(extra)
 
 
 def child_env(threads: int) -> dict:
@@ -55,21 +55,24 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_recipe(args, recipe: str, run_dir: Path) -> dict:
-    """Run fabricq once, streaming its log to the terminal and to run_dir/<recipe>.log."""
-    output_dir = run_dir / recipe
-    cmd = [sys.executable, "-m", "fabricq", *overrides(args, recipe, output_dir)]
+def run_recipe(args, recipe: str, run_dir: Path, label: str | None = None, extra: list[str] = (),
+               env: dict | None = None) -> dict:
+    """Run fabricq once, streaming its log to the terminal and to run_dir/<label>.log (label:
+    the recipe by default; `extra` overrides and `env` variables on top of args')."""
+    label = label or recipe
+    output_dir = run_dir / label
+    cmd = [sys.executable, "-m", "fabricq", *overrides(args, recipe, output_dir, extra)]
     print("$", " ".join(cmd), flush=True)
-    log_path = run_dir / f"{recipe}.log"
+    log_path = run_dir / f"{label}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log, subprocess.Popen(
-        cmd, cwd=REPO, env=child_env(args.threads), text=True,
+        cmd, cwd=REPO, env={**child_env(args.threads), **(env or {})}, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     ) as proc:
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            print(f"  [{recipe}] {line}", end="", flush=True)
+            print(f"  [{label}] {line}", end="", flush=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         return {"recipe": recipe, "error": f"exit code {proc.returncode}, see {log_path}", "log": str(log_path)}
