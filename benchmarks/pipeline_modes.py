@@ -6,7 +6,7 @@ the quality each costs. Repeats are interleaved (A B C A B C) so machine drift h
   lag          quant.true_sequential=false pipeline.lag=1: layer i solved on a worker thread while
                layer i+1 is calibrated on layer i's unquantized outputs (no error propagation)
 
-    python benchmarks/pipeline_modes.py --num-samples 32 --repeats 2 --max-windows 8
+    python benchmarks/pipeline_modes.py --num-samples 32 --repeats 2 --max-windows 4
 
 With --threads 1 every run's torch ops are single-threaded; the lagged run's solve worker is a
 second OS thread and so may use a second core (the others use one).
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval", default=str(DEFAULT_EVAL) if DEFAULT_EVAL.is_file() else None)
     p.add_argument("--eval-seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--max-windows", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path)
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for r in range(args.repeats):
         for mode in args.modes:
-            result = run_recipe(args, args.recipe, run_dir, label=f"{mode}-{r}", extra=MODES[mode])
+            # Quality from the first repeat; later ones skip evaluation, whose logits (vocab × 2048
+            # per window) would otherwise set the peak RSS and double the time of each run.
+            extra = MODES[mode] + (["eval.enabled=false"] if r else [])
+            result = run_recipe(args, args.recipe, run_dir, label=f"{mode}-{r}", extra=extra)
             if "error" in result:
                 print(f"{mode} failed: {result['error']}", file=sys.stderr)
                 return 1
@@ -72,10 +75,11 @@ def main(argv=None) -> int:
     base = args.modes[0]
     rows = {}
     for mode, items in runs.items():
+        timed = items[1:] or items  # without evaluation when there are repeats
         rows[mode] = {
-            "wall_s": statistics.median(i["wall_s"] for i in items),
             "quantize_s": statistics.median(i["quantize_s"] for i in items),
-            "peak_rss_mib": max(i["peak_rss_mib"] for i in items),
+            "wall_s": statistics.median(i["wall_s"] for i in timed),
+            "peak_rss_mib": max(i["peak_rss_mib"] for i in timed),
             # Runs of one mode are deterministic (same threads): quality from the first.
             "ppl_after": items[0]["ppl_after"], "kl_after": items[0]["kl_after"], "ppl_before": items[0]["ppl_before"],
         }
@@ -90,8 +94,9 @@ def main(argv=None) -> int:
                       "-" if row["ppl_after"] is None else f"{row['ppl_after']:.3f}",
                       "-" if row["kl_after"] is None else f"{row['kl_after']:.5f}"])
     print()
-    print(f"{args.num_samples} × {args.seq_len} calibration tokens, {args.repeats} interleaved repeat(s), "
-          f"median times; ppl before: {rows[base]['ppl_before']}")
+    print(f"{args.num_samples} × {args.seq_len} calibration tokens, {args.repeats} interleaved repeat(s); "
+          "quantize s: median of all; wall and peak RSS: runs without evaluation (all but the first) when "
+          f"repeated; ppl/KL: first run, ppl before {rows[base]['ppl_before']}")
     print_aligned(cells, rule=True)
     out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                "runs": runs, "summary": rows}, indent=2))
