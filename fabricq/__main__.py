@@ -6,11 +6,15 @@ import re
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from fabricq.memory import huge_pages_for_large_tensors
 
-from fabricq.errors import FabricqError
+huge_pages_for_large_tensors()  # before anything imports torch
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fabricq.errors import FabricqError  # noqa: E402
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

@@ -344,21 +344,17 @@ class GPTQCallback(Callback):
 class ProgressCallback(Callback):
     """One log line per finished layer: `Layer 12/30 · 3.1 s · ETA 55 s`.
 
-    A layer is finished once its outputs for the next layer exist, i.e. when the next layer
-    starts (or the run ends), so the time includes the error-propagation pass."""
+    A layer is finished once it is final and the next layer's inputs exist (`on_layer_complete`):
+    after its error-propagation pass, or, with a lag, once its solves on the worker are done."""
 
     def on_run_start(self, loop):
         self._run_start = self._layer_start = time.perf_counter()
+        self._done = 0
 
-    def _report(self, loop, done: int) -> None:
+    def on_layer_complete(self, loop, index, next_inputs):
         now = time.perf_counter()
-        eta = (now - self._run_start) / done * (loop.num_layers - done)
-        log.info("Layer %d/%d · %.1f s · ETA %.0f s", done, loop.num_layers, now - self._layer_start, eta)
+        self._done += 1
+        remaining = loop.num_layers - index - 1
+        eta = (now - self._run_start) / self._done * remaining
+        log.info("Layer %d/%d · %.1f s · ETA %.0f s", index + 1, loop.num_layers, now - self._layer_start, eta)
         self._layer_start = now
-
-    def on_layer_start(self, loop, index, layer):
-        if index > 0:
-            self._report(loop, index)
-
-    def on_run_end(self, loop):
-        self._report(loop, loop.num_layers)

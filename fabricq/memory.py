@@ -22,6 +22,8 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
+import sys
 
 
 def release_freed_memory(collect_cycles: bool = False) -> None:
@@ -85,3 +87,22 @@ def return_large_blocks_to_os(threshold: int = DEFAULT_THRESHOLD) -> bool:
     if not applied:
         log.debug("mallopt refused the heap thresholds; the C library's defaults stay in effect")
     return applied
+
+
+TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+
+
+def huge_pages_for_large_tensors() -> bool:
+    """Ask torch to back every CPU tensor of 2 MiB or more with transparent huge pages (torch's
+    `THP_MEM_ALLOC_ENABLE`: 2 MiB-aligned blocks, `madvise(MADV_HUGEPAGE)`). With freed large
+    blocks returned to the OS (`return_large_blocks_to_os`), each fresh activation is new memory,
+    and faulting it in 4 KiB pages is slow; a huge page is one fault for 512 of them. Measured on
+    the default model (32 × 512 tokens, 1 thread, A B A B): calibration 161 s → 133 s (0.82x),
+    peak RSS unchanged (the blocks are still unmapped when freed), bit-identical checkpoints.
+
+    torch reads the variable once, at its first allocation, so this must run before torch is
+    imported (`python -m fabricq` does; a library user sets the variable in the environment).
+    An explicit value in the environment wins. Returns whether the setting is in effect."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault(TORCH_HUGE_PAGES, "1")
+    return os.environ.get(TORCH_HUGE_PAGES) == "1"

@@ -43,3 +43,42 @@ def test_freed_large_blocks_are_returned_to_the_os():
     assert default_growth > live + 100
     # ...with the policy, resident memory grows by about what is alive.
     assert policy_growth < live + 16
+
+
+# Faults taken to write a fresh 64 MiB tensor: 16384 with 4 KiB pages, ~32 with 2 MiB huge pages.
+FAULTS = textwrap.dedent("""
+    import resource, sys
+    from fabricq.memory import huge_pages_for_large_tensors
+    in_effect = huge_pages_for_large_tensors()
+    import torch
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20, dtype=torch.float32)
+    print(in_effect, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+# With "always" every large mapping gets huge pages anyway; "never": none to ask for.
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not on request (madvise) here")
+def test_large_tensors_fault_in_huge_pages_unless_the_environment_says_otherwise():
+    def faults(env_value):
+        import os
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if env_value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = env_value
+        out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True, env=env)
+        in_effect, count = out.stdout.split()
+        return in_effect == "True", int(count)
+
+    on, huge = faults(None)
+    off, small = faults("0")  # an explicit choice wins
+    assert on and not off
+    assert small > 8000  # 4 KiB pages (at least half of the 16384)
+    assert huge < small / 20
