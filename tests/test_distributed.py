@@ -344,8 +344,11 @@ def test_mismatched_configs_across_ranks_are_refused(shared_path, tmp_path):
              f"quant.bits={bits}", "eval.enabled=false", f"output_dir={tmp_path / 'out'}"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], outputs
-    assert "the resolved config differs between ranks" in outputs[0][1]
+    # Both stop; at least one says why (the other may instead see its peer hang up first: seen
+    # once in CI, rank 0 exited 1 after rank 1 had reported the mismatch).
+    assert all(p.returncode != 0 for p in procs), outputs
+    assert any(p.returncode == 2 and "the resolved config differs between ranks" in out[1]
+               for p, out in zip(procs, outputs)), outputs
     assert not (tmp_path / "out").exists()
 
 
