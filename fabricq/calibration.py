@@ -382,6 +382,8 @@ class CalibrationLoop:
         with the next layer's inputs, i.e. its unquantized outputs) once its worker has finished,
         which the loop waits for after layer i+1's forward; only then does layer i+2's prefetch
         start, so at most two layers are on the compute device."""
+        if start_layer >= self.num_layers:  # a resumed run whose every layer is finished
+            return
         home = next(self.layers.parameters()).device
         layer_loader = Prefetcher(self.prefetch, "fabricq-layer")
         solver = ThreadPoolExecutor(1, thread_name_prefix="fabricq-lag")
