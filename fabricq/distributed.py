@@ -332,6 +332,21 @@ def assign_to_ranks(costs: list[float], world_size: int, exact_limit: int = 12) 
     return best[1]
 
 
+def assign_with_backlog(costs: list[float], loads: list[float]) -> list[int]:
+    """Owner rank of each task of one layer when solves may trail calibration (a solve window):
+    largest task first, each to the rank with the least work planned so far, `loads` (updated in
+    place) carrying every rank's planned total over the layers before. A rank that drew a
+    down_proj (most of a layer's cost) is thereby passed over for the next layers until the
+    others have caught up, so the run, not each layer, is balanced. Deterministic: every rank
+    computes the same plan from the same costs."""
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(len(loads)), key=lambda k: (loads[k], k))
+        owners[i] = r
+        loads[r] += costs[i]
+    return owners
+
+
 def makespan(costs: list[float], owners: list[int], world_size: int) -> float:
     loads = [0.0] * world_size
     for c, r in zip(costs, owners):
