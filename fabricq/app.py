@@ -110,6 +110,7 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
             "one-forward true-sequential mode cannot do: set quant.true_sequential=false with pipeline.lag=1"
         )
     distributed.validate_trainer(cfg.trainer, cfg.data)
+    distributed.solve_window_of(cfg.trainer, cfg.pipeline.lag)
     return GPTQSettings(
         method=q.method,
         scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
@@ -214,6 +215,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             settings, rank=rank, world_size=world, device=fabric.device,
             upper_triangle=cfg.trainer.hessian_upper_triangle,
             use_measurements=cfg.trainer.balance == "measured",
+            solve_window=distributed.solve_window_of(cfg.trainer, cfg.pipeline.lag),
         )
     else:
         gptq = GPTQCallback(settings)
@@ -236,6 +238,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     try:
         loop.run(start_layer, inputs)
     finally:
+        gptq.close()
         cache.close()
     report["cache"] = cache.report()
     timings["quantize_s"] = time.perf_counter() - tick

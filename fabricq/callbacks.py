@@ -182,8 +182,11 @@ class GPTQCallback(Callback):
         return {n: m for n, m in modules.items() if not any(p.search(n) for p in ignore)}
 
     def scheme_for(self, module: nn.Linear) -> QuantScheme:
+        return self.scheme_for_width(module.in_features)
+
+    def scheme_for_width(self, in_features: int) -> QuantScheme:
         base = self.settings.scheme
-        return replace(base, group_size=effective_group_size(base.group_size, module.in_features))
+        return replace(base, group_size=effective_group_size(base.group_size, in_features))
 
     @property
     def _gated(self) -> bool:
@@ -255,6 +258,14 @@ class GPTQCallback(Callback):
         release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(pending)
 
+    def final_through(self, index: int) -> int:
+        """The last layer whose quantized weights are final once layer `index` is complete: the
+        layer itself here; earlier with a solve window (see DistributedGPTQCallback)."""
+        return index
+
+    def close(self) -> None:
+        """Release workers (a run that failed midway included)."""
+
     def solve_groups(self, state: LayerState, groups: list[list[str]]) -> None:
         """Quantize the modules of `groups` (lists of modules sharing a Hessian) of layer `state`."""
         hessians, targets = state.hessians, state.targets
@@ -274,10 +285,17 @@ class GPTQCallback(Callback):
         state.solved.update(names)
 
     def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:
+        result, stats, dequantized = self.solve_module(name, module.weight.data, hessians)
+        self.install(name, module, result, stats, dequantized)
+
+    def solve_module(self, name: str, weight: torch.Tensor, hessians: SharedInputHessians | None
+                     ) -> tuple[QuantizedWeight, dict, torch.Tensor | None]:
+        """Quantize one module's `weight` (GPTQ on its shared-input Hessian, or round-to-nearest):
+        its result, stats, and the dequantized weight (GPTQ only; None for round-to-nearest)."""
         start = time.perf_counter()
-        weight = module.weight.data
-        scheme = self.scheme_for(module)
+        scheme = self.scheme_for_width(weight.shape[1])
         scale_dtype = weight.dtype
+        dequantized = None
         if hessians is None:
             result = rtn_quantize(weight, scheme, scale_dtype)
             stats = {}
@@ -286,7 +304,7 @@ class GPTQCallback(Callback):
             result = gptq_solve(
                 weight, prepared, scheme, block_size=self.settings.block_size, scale_dtype=scale_dtype, name=name,
             )
-            dequantized = result.dequantize().to(weight.device)  # reused for the new weight below
+            dequantized = result.dequantize().to(weight.device)  # reused for the new weight
             rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
             loss, rtn_loss = layer_objectives(weight, [dequantized, rtn], h)
             stats = {
@@ -294,13 +312,13 @@ class GPTQCallback(Callback):
                 "rtn_loss": rtn_loss,
                 "tokens": hessians.accumulators[hessians.leader[name]].tokens,
             }
-        self.install(name, module, result, {
+        return result, {
             **stats,
             "method": result.info.get("method"),
             "damp": result.info.get("damp"),
             "group_size": scheme.group_size,
             "seconds": round(time.perf_counter() - start, 4),
-        }, dequantized if hessians is not None else None)
+        }, dequantized
 
     def _prepared_hessian(self, name: str, hessians: SharedInputHessians,
                           scheme: QuantScheme) -> tuple[torch.Tensor, PreparedHessian]:

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -92,6 +93,10 @@ def validate_trainer(trainer: DictConfig, data: DictConfig, environ=os.environ) 
     if trainer.get("balance", "measured") not in ("measured", "analytic"):
         raise FabricqError(f"trainer.balance must be measured or analytic, got {trainer.balance!r}")
 
+    window = trainer.get("solve_window", "auto")
+    if window != "auto" and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+        raise FabricqError(f"trainer.solve_window must be auto or a whole number of layers ≥ 0, got {window!r}")
+
     devices = trainer.devices
     if trainer.strategy == "fsdp" and not _uses_cuda(trainer.accelerator):
         raise FabricqError("trainer.strategy=fsdp needs CUDA devices (Fabric's FSDP is GPU-only): use ddp on CPU")
@@ -130,6 +135,23 @@ def validate_trainer(trainer: DictConfig, data: DictConfig, environ=os.environ) 
             f"{world} ranks but only {batches} calibration batches (data.num_samples={data.num_samples}, "
             f"data.batch_size={data.batch_size}): every rank needs at least one batch"
         )
+
+
+def solve_window_of(trainer: DictConfig, lag: int) -> int:
+    """Layers a layer's distributed solves may trail its calibration. Only a lagged pipeline
+    allows any (without a lag, the next layer is calibrated on this one's quantized outputs);
+    auto: the number of ranks, enough for the simulated Llama-3 runs to be balanced to a few
+    percent (benchmarks/assignment_sim.py)."""
+    window = trainer.get("solve_window", "auto")
+    if window == "auto":
+        return world_size_of(trainer) if lag else 0
+    if window and not lag:
+        raise FabricqError(
+            f"trainer.solve_window={window} needs pipeline.lag=1 (without a lag every layer is calibrated on "
+            "the previous layer's quantized outputs, so its solves cannot trail): add pipeline.lag=1 "
+            "or set trainer.solve_window=0"
+        )
+    return window
 
 
 def make_strategy(trainer: DictConfig):
@@ -395,22 +417,71 @@ class _DistributedLayerState(LayerState):
     sum_holder: dict[str, int] = field(default_factory=dict)  # leader → rank holding its summed Hessian (or ALL_RANKS)
 
 
+@dataclass
+class _HandedOutLayer:
+    """A layer whose groups went to their owners' solver threads (solve window), until its
+    results are published: broadcast and installed on every rank."""
+
+    state: _DistributedLayerState
+    groups: list[list[str]]
+    tasks: list[SolveTask]
+    costs: list[float]
+    owners: list[int]
+    solves: dict[int, Future]  # group index → this rank's solve of it: ({name: (result, stats)}, seconds)
+
+
 class DistributedGPTQCallback(GPTQCallback):
     """GPTQCallback whose solves (at the layer end, or at each gate of a true-sequential forward)
     reduce each shared-input Hessian to one owner rank, solve the groups this rank owns, and
     broadcast the results so that every rank applies them all.
 
+    With `solve_window=D` (needs the loop's lag=1, where no layer's calibration waits for an
+    earlier layer's quantized weights) a layer's groups are instead handed to their owners'
+    solver threads and the loop moves on; the results are published (broadcast, installed
+    everywhere) D layers later, or at the last layer. Owners are planned over the whole run
+    (`assign_with_backlog`: each rank's planned work carries over), so a rank that drew a
+    down_proj sits out the next layers while the others catch up.
+
     `report` holds, per solve step (one per layer, or one per gate): owners, planned and achieved per-rank solve time, makespans, and
     bytes sent in Hessian reductions and result broadcasts."""
 
     def __init__(self, settings: GPTQSettings, *, rank: int, world_size: int, device,
-                 upper_triangle: bool = False, use_measurements: bool = True):
+                 upper_triangle: bool = False, use_measurements: bool = True, solve_window: int = 0):
         super().__init__(settings)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.upper_triangle = upper_triangle
         self.cost_model = CostModel(use_measurements=use_measurements)
         self.layers: list[dict] = []
         self.bytes = {"hessian_reduce": 0, "result_broadcast": 0, "metadata": 0}
+        self.solve_window = solve_window
+        # Solve window: analytic work planned per rank so far (the same on every rank), the layers
+        # handed out and not yet published, this rank's solver thread, and the last published layer.
+        self._planned_loads = [0.0] * world_size
+        self._planned_layers = 0
+        self._handed_out: dict[int, _HandedOutLayer] = {}
+        self._solver: ThreadPoolExecutor | None = None
+        self._published_through = -1
+        self._last_layer = -1
+        self._publish_wait_s = 0.0
+        self._solve_s_per_rank = [0.0] * world_size
+
+    def on_run_start(self, loop):
+        self._last_layer = loop.num_layers - 1
+        if self.solve_window and not getattr(loop, "lag", 0):
+            raise FabricqError("a solve window (trainer.solve_window > 0) needs pipeline.lag=1")
+        if self.solve_window and self._gated:
+            raise FabricqError("a solve window (trainer.solve_window > 0) needs quant.true_sequential=false")
+
+    def on_run_end(self, loop):
+        self.close()
+
+    def close(self) -> None:
+        if self._solver is not None:
+            self._solver.shutdown(wait=True, cancel_futures=True)
+            self._solver = None
+
+    def final_through(self, index: int) -> int:
+        return self._published_through if self.solve_window else index
 
     def _solve_group(self, state: "_DistributedLayerState", names: list[str]) -> float:
         start = time.perf_counter()
@@ -422,6 +493,9 @@ class DistributedGPTQCallback(GPTQCallback):
         return _DistributedLayerState(index, targets)
 
     def solve_groups(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
+        if self.solve_window:
+            self._hand_out(state, groups)
+            return
         dist = torch.distributed
         hessians = state.hessians
         tick = time.perf_counter()
@@ -529,6 +603,134 @@ class DistributedGPTQCallback(GPTQCallback):
                           time.perf_counter() - tick)
         state.solved.update(n for names in groups for n in names)
 
+    # -- solve window ----------------------------------------------------------------------------
+
+    def _hand_out(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
+        """Reduce each group's Hessian to the owner `assign_with_backlog` picks and queue this
+        rank's groups on its solver thread (on the lag worker: the next layer is being calibrated
+        meanwhile); `on_layer_end` then publishes the layers that are due."""
+        dist = torch.distributed
+        hessians = state.hessians
+        tasks = [SolveTask(state.targets[g[0]].in_features, tuple(state.targets[n].out_features for n in g))
+                 for g in groups]
+        # Analytic costs: a plan that depends only on shapes is the same on every rank and in a
+        # resumed run, whose plan of the layers before it is replayed here (their shapes are this
+        # layer's in the decoder stacks fabricq supports; if not, only the owners differ).
+        costs = [solve_cost(t) for t in tasks]
+        while self._planned_layers < state.index:
+            assign_with_backlog(costs, self._planned_loads)
+            self._planned_layers += 1
+        owners = assign_with_backlog(costs, self._planned_loads)
+        self._planned_layers = state.index + 1
+        leaders = [hessians.leader[g[0]] for g in groups]
+        tokens = torch.tensor([hessians.accumulators[l].tokens for l in leaders], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tokens)
+        reduces = []
+        for leader, owner in zip(leaders, owners):
+            acc = hessians.accumulators[leader]
+            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            reduces.append((dist.reduce(payload, dst=owner, async_op=True), payload))
+            self.bytes["hessian_reduce"] += payload.numel() * payload.element_size() if owner != self.rank else 0
+        for g, ((work, payload), leader, owner) in enumerate(zip(reduces, leaders, owners)):
+            work.wait()
+            if owner == self.rank:
+                acc = hessians.accumulators[leader]
+                if self.upper_triangle:
+                    acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                acc.tokens = int(tokens[g])
+            else:  # what `reduce` left here is garbage: free it now, not when the layer is published
+                del hessians.accumulators[leader]
+        del reduces, payload
+        if self._solver is None:
+            self._solver = ThreadPoolExecutor(1, thread_name_prefix="fabricq-solver")
+        solves = {g: self._solver.submit(self._solve_owned, state, names)
+                  for g, (names, owner) in enumerate(zip(groups, owners)) if owner == self.rank}
+        self._handed_out[state.index] = _HandedOutLayer(state, groups, tasks, costs, owners, solves)
+        state.solved.update(n for names in groups for n in names)
+
+    def on_layer_end(self, loop, index, layer) -> bool:
+        changed = super().on_layer_end(loop, index, layer)
+        if self.solve_window:  # publish what is due: D layers back, or everything at the last layer
+            for k in sorted(self._handed_out):
+                if index >= self._last_layer or k <= index - self.solve_window:
+                    self._publish(k)
+            self._published_through = min(self._handed_out, default=index + 1) - 1
+        return changed
+
+    def _solve_owned(self, state: "_DistributedLayerState", names: list[str]):
+        """On this rank's solver thread: GPTQ of one owned group. The layer may have left the
+        compute device meanwhile, so its weights are fetched; nothing is installed here (the lag
+        worker does that when publishing, when no other thread touches the layer)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        start = time.perf_counter()
+        results = {}
+        with torch.no_grad():
+            for name in names:
+                weight = state.targets[name].weight.data.to(self.device)
+                result, stats, _ = self.solve_module(name, weight, state.hessians)
+                results[name] = (result, stats)
+        state.hessians.accumulators.pop(state.hessians.leader[names[0]], None)  # solved: free it
+        return results, time.perf_counter() - start
+
+    def _publish(self, index: int) -> None:
+        """Broadcast layer `index`'s results from their owners (each waits for its solver thread
+        first) and install them on every rank."""
+        dist = torch.distributed
+        layer = self._handed_out.pop(index)
+        tick = time.perf_counter()
+        mine, solve_s = {}, [0.0] * len(layer.groups)
+        for g, future in layer.solves.items():
+            results, solve_s[g] = future.result()  # a failed solve raises here
+            mine.update(results)
+        self._publish_wait_s += time.perf_counter() - tick
+        received, broadcasts = {}, []
+        for names, owner in zip(layer.groups, layer.owners):
+            for name in names:
+                module = layer.state.targets[name]
+                scheme = self.scheme_for(module)
+                n_groups = 1 if scheme.group_size == -1 else math.ceil(module.in_features / scheme.group_size)
+                if owner == self.rank:
+                    qw = mine[name][0]
+                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
+                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
+                else:
+                    bufs = received[name] = _result_buffers(module.out_features, module.in_features, n_groups, self.device)
+                broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
+        for work in broadcasts:
+            work.wait()
+        own = {"stats": {n: stats for n, (_, stats) in mine.items()}, "info": {n: qw.info for n, (qw, _) in mine.items()},
+               "solve_s": {g: solve_s[g] for g in layer.solves}}
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, own)
+        self.bytes["metadata"] += len(repr(own))
+        stats, info = {}, {}
+        for part in gathered:
+            stats.update(part["stats"])
+            info.update(part["info"])
+            for g, seconds in part["solve_s"].items():
+                solve_s[g] = seconds
+        for names in layer.groups:  # in module order, as a one-rank run installs them
+            for name in names:
+                module = layer.state.targets[name]
+                if name in mine:
+                    qw = mine[name][0]
+                else:
+                    cpu = {k: v.cpu() for k, v in received[name].items()}
+                    qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"],
+                                         self.scheme_for(module), info[name])
+                self.install(name, module, qw, stats[name])
+        achieved, planned = [0.0] * self.world_size, [0.0] * self.world_size
+        for task, cost, seconds, owner in zip(layer.tasks, layer.costs, solve_s, layer.owners):
+            self.cost_model.observe(task, seconds)
+            planned[owner] += cost
+            achieved[owner] += seconds
+            self._solve_s_per_rank[owner] += seconds
+        groups_report = [{"modules": names, "cols": t.cols, "rows": list(t.rows), "owner": r,
+                          "planned": round(c), "solve_s": round(s, 4)}
+                         for names, t, c, s, r in zip(layer.groups, layer.tasks, layer.costs, solve_s, layer.owners)]
+        self._record_step(index, groups_report, planned, achieved, False, time.perf_counter() - tick)
+
     def _record_step(self, index: int, groups: list[dict], planned: list[float], achieved: list[float],
                      planned_in_seconds: bool, wall_s: float) -> None:
         """Add one solve step to the current layer's report entry. A layer solved in several steps
@@ -556,8 +758,21 @@ class DistributedGPTQCallback(GPTQCallback):
 
     @property
     def report(self) -> dict:
-        return {"world_size": self.world_size, "upper_triangle": self.upper_triangle,
-                "bytes_sent": dict(self.bytes), "layers": self.layers}
+        out = {"world_size": self.world_size, "upper_triangle": self.upper_triangle,
+               "bytes_sent": dict(self.bytes), "layers": self.layers}
+        if self.solve_window:
+            # Over the run, not per layer: with a window, layers are no barriers.
+            planned, achieved = self._planned_loads, self._solve_s_per_rank
+            out["solve_window"] = {
+                "window": self.solve_window,
+                "planned_per_rank": [round(p) for p in planned],
+                "planned_makespan_over_ideal": max(planned) / (sum(planned) / self.world_size) if sum(planned) else 1.0,
+                "solve_s_per_rank": [round(a, 3) for a in achieved],
+                "achieved_makespan_over_ideal": max(achieved) / (sum(achieved) / self.world_size) if sum(achieved) else 1.0,
+                # What the window did not hide: this rank's lag worker waiting for solves to publish.
+                "publish_wait_s": round(self._publish_wait_s, 3),
+            }
+        return out
 
 
 def gather_totals(fabric, callback: DistributedGPTQCallback) -> dict:

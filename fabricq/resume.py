@@ -120,7 +120,6 @@ class WorkDirectory:
         self.path = Path(path)
         self.rank = rank
         self.world_size = world_size
-        self.keep = 1 if world_size == 1 else 2  # ranks may be one layer apart when a crash hits
         self._lock_file = None
         self._identity: dict = {}
 
@@ -217,29 +216,46 @@ class WorkDirectory:
                 finished.append(k)
         return max(finished) if finished else None
 
-    def commit_layer(self, index: int, results: dict[str, tuple[QuantizedWeight, dict]],
-                     next_inputs: Stage | None) -> None:
+    def save_hidden(self, index: int, next_inputs: Stage | None) -> int:
+        """This rank's hidden states entering layer index+1 (None after the last layer); returns
+        the number of batches saved. Written when layer `index` is complete, which can be before
+        its results are final (a solve window): its commit then refers back to these files."""
+        self._create()
+        if next_inputs is None:
+            return 0
+        final = self._hidden_dir(index)
+        tmp = final.with_name(".tmp-" + final.name)
+        for stale in (tmp, final):
+            shutil.rmtree(stale, ignore_errors=True)
+        next_inputs.save(tmp)
+        os.replace(tmp, final)
+        return len(next_inputs)
+
+    def commit_layer(self, index: int, results: dict[str, tuple[QuantizedWeight, dict]], batches: int) -> None:
+        """Layer `index` is final: its results (rank 0) and this rank's commit marker, which names
+        the `batches` hidden-state files `save_hidden` wrote for it."""
         self._create()
         if self.rank == 0:
             _save_results(self._layer_file(index), results)
-        batches = 0
-        if next_inputs is not None:
-            final = self._hidden_dir(index)
-            tmp = final.with_name(".tmp-" + final.name)
-            for stale in (tmp, final):
-                shutil.rmtree(stale, ignore_errors=True)
-            next_inputs.save(tmp)
-            os.replace(tmp, final)
-            batches = len(next_inputs)
         state = {"layer": index, "batches": batches, "threads": torch.get_num_threads(),
                  "rng": torch.get_rng_state().numpy().tobytes().hex()}
         if torch.cuda.is_available():
             state["cuda_rng"] = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()]
         _write_json(self._state_file(index), state)
-        old = index - self.keep
-        if old >= 0:
-            self._state_file(old).unlink(missing_ok=True)
-            shutil.rmtree(self._hidden_dir(old), ignore_errors=True)
+
+    def release_older(self, first: int, last: int) -> None:
+        """After a commit step that made layers first…last final: delete this rank's markers and
+        hidden states that no resume can need. Alone, all but the last layer's. With several
+        ranks, those from first-1 on stay: a peer may still be one step behind (not more: the
+        collectives before the next step wait for it), and ranks resume from the layer every
+        one of them finished."""
+        keep_from = last if self.world_size == 1 else first - 1
+        for marker in (self.path / "state").glob(f"L?????.rank{self.rank}.json"):
+            if int(marker.name[1:6]) < keep_from:
+                marker.unlink(missing_ok=True)
+        for hidden in (self.path / "hidden").glob(f"L?????.rank{self.rank}"):
+            if int(hidden.name[1:6]) < keep_from:
+                shutil.rmtree(hidden, ignore_errors=True)
 
     def restore(self, layer: int, model, gptq, cache: ActivationCache) -> Stage | None:
         """Load layers 0…`layer` into `model` and `gptq`; restore RNG; the hidden states entering
@@ -305,14 +321,27 @@ def agreed_finished_layer(finished: int | None, device) -> int | None:
 
 
 class CheckpointCallback(Callback):
-    """After every finished layer: its quantized results and the next layer's inputs to the work
-    directory (the results come from `gptq`, the GPTQCallback of the same loop)."""
+    """After every complete layer, the next layer's inputs to the work directory; once a layer's
+    quantized results are final (at once, or up to a solve window later: `gptq.final_through`),
+    its results and commit marker (the results come from `gptq`, the GPTQCallback of the same
+    loop)."""
 
     def __init__(self, work: WorkDirectory, gptq):
         self.work = work
         self.gptq = gptq
+        self._batches: dict[int, int] = {}  # hidden states saved, commit pending: layer → batches
+        self._next_commit: int | None = None
 
     def on_layer_complete(self, loop, index, next_inputs):
-        prefix = loop.layer_name(index) + "."
-        results = {n: (qw, self.gptq.stats[n]) for n, qw in self.gptq.quantized.items() if n.startswith(prefix)}
-        self.work.commit_layer(index, results, next_inputs)
+        self._batches[index] = self.work.save_hidden(index, next_inputs)
+        if self._next_commit is None:  # the first layer this process calibrates
+            self._next_commit = index
+        first = self._next_commit
+        while self._next_commit <= self.gptq.final_through(index):
+            k = self._next_commit
+            prefix = loop.layer_name(k) + "."
+            results = {n: (qw, self.gptq.stats[n]) for n, qw in self.gptq.quantized.items() if n.startswith(prefix)}
+            self.work.commit_layer(k, results, self._batches.pop(k))
+            self._next_commit = k + 1
+        if self._next_commit > first:
+            self.work.release_older(first, self._next_commit - 1)

@@ -24,12 +24,14 @@ from fabricq.distributed import (
     CostModel,
     SolveTask,
     assign_to_ranks,
+    assign_with_backlog,
     config_digest,
     local_samples,
     makespan,
     pack_upper,
     shard_batches,
     solve_cost,
+    solve_window_of,
     unpack_upper,
     validate_trainer,
 )
@@ -83,6 +85,36 @@ def test_assignment_beyond_exact_limit_is_lpt_and_deterministic():
     assert makespan(costs, owners, 4) <= 4 / 3 * max(total / 4, max(costs)) + 1e-9
 
 
+def test_backlog_plan_balances_the_run_where_per_layer_plans_cannot():
+    """A layer of one dominant group (down_proj-like, 8) and two small ones (1 each) on 2 ranks:
+    any per-layer plan waits 8 per layer; carrying the backlog, the big group alternates and
+    every rank ends with half the run's work."""
+    layer = [8.0, 1.0, 1.0]
+    loads = [0.0, 0.0]
+    owners = [assign_with_backlog(layer, loads) for _ in range(6)]
+    assert [o[0] for o in owners] == [0, 1, 0, 1, 0, 1]
+    assert loads == [30.0, 30.0]
+    assert 6 * makespan(layer, assign_to_ranks(layer, 2), 2) == 48.0
+    # Random layers: the run never exceeds its ideal by more than the largest task so far, and every
+    # rank that plans from the same loads gets the same owners.
+    rng = random.Random(1)
+    loads, again, largest = [0.0] * 4, [0.0] * 4, 0.0
+    for _ in range(40):
+        costs = [rng.uniform(0.1, 5.0) for _ in range(rng.randint(1, 6))]
+        largest = max(largest, *costs)
+        assert assign_with_backlog(costs, loads) == assign_with_backlog(costs, again)
+        assert max(loads) <= sum(loads) / 4 + largest + 1e-9
+
+
+def test_solve_window_resolves_and_needs_a_lag():
+    assert solve_window_of(_trainer(devices=4, cpu_oversubscribe=True), lag=1) == 4
+    assert solve_window_of(_trainer(devices=4, cpu_oversubscribe=True), lag=0) == 0
+    assert solve_window_of(_trainer(devices=2, solve_window=7), lag=1) == 7
+    assert solve_window_of(_trainer(devices=2, solve_window=0), lag=0) == 0
+    with pytest.raises(FabricqError, match="trainer.solve_window=3 needs pipeline.lag=1"):
+        solve_window_of(_trainer(devices=2, solve_window=3), lag=0)
+
+
 def test_cost_model_factorises_once_per_group_and_uses_measurements():
     qkv = SolveTask(cols=64, rows=(64, 32, 32))
     down = SolveTask(cols=172, rows=(64,))
@@ -108,7 +140,7 @@ def test_upper_triangle_round_trip():
 
 def _trainer(**kw):
     base = dict(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", timeout_s=600,
-                cpu_oversubscribe=False, hessian_upper_triangle=False, balance="measured")
+                cpu_oversubscribe=False, hessian_upper_triangle=False, balance="measured", solve_window="auto")
     return OmegaConf.create({**base, **kw})
 
 
@@ -125,6 +157,8 @@ DATA = OmegaConf.create(dict(num_samples=16, batch_size=4))
     (dict(devices=5, cpu_oversubscribe=True), {}, "only 4 calibration batches"),
     (dict(timeout_s=0), {}, "trainer.timeout_s"),
     (dict(strategy="fsdp"), {}, "fsdp needs CUDA"),
+    (dict(solve_window=-1), {}, "trainer.solve_window must be auto or a whole number"),
+    (dict(solve_window="wide"), {}, "trainer.solve_window must be auto or a whole number"),
 ])
 def test_bad_trainer_settings(trainer, environ, message):
     with pytest.raises(FabricqError, match=message):
@@ -216,14 +250,23 @@ def test_float64_hessians_give_bit_identical_checkpoints_on_1_2_3_ranks(one_rank
 
 def test_lagged_pipeline_on_2_ranks_matches_1_rank(shared_path, tmp_path):
     """pipeline.lag=1 runs each layer's Hessian reductions and result broadcasts on a worker thread
-    while the next layer's forward runs: still bit-identical to one rank with float64 Hessians."""
+    while the next layer's forward runs, and on 2 ranks (solve window 2) each owner solves on a
+    thread of its own, publishing a layer two layers later: still bit-identical to one rank with
+    float64 Hessians."""
     result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
                      "quant.true_sequential=false", "pipeline.lag=1", "trainer.devices=1,2",
                      "eval.enabled=false", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_identical(tmp_path / "0", tmp_path / "1")
-    report = json.loads((tmp_path / "1" / "report.json").read_text())
-    assert [layer["layer"] for layer in report["distributed"]["layers"]] == list(range(5))
+    report = json.loads((tmp_path / "1" / "report.json").read_text())["distributed"]
+    assert [layer["layer"] for layer in report["layers"]] == list(range(5))
+    # The solve window (auto: 2 ranks → 2 layers) planned the run, not each layer: both ranks
+    # solved, and their planned work differs by less than the largest group's.
+    window = report["solve_window"]
+    assert window["window"] == 2
+    assert all(s > 0 for s in window["solve_s_per_rank"])
+    largest = max(g["planned"] for layer in report["layers"] for g in layer["groups"])
+    assert max(window["planned_per_rank"]) - min(window["planned_per_rank"]) <= largest
 
 
 PROBE = """

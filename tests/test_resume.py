@@ -33,22 +33,32 @@ import os, signal, sys, time
 import fabricq.resume as resume
 import fabricq.activation_cache as cache
 mode, layer = os.environ["KILL_MODE"], int(os.environ["KILL_LAYER"])
-commit = resume.WorkDirectory.commit_layer
-def patched_commit(self, index, results, next_inputs):
+save_hidden = resume.WorkDirectory.save_hidden
+def patched_save_hidden(self, index, next_inputs):
     if mode == "mid-snapshot" and index == layer:
-        save = cache.Stage.save
         def save_one_then_die(stage, folder):
             folder.mkdir(parents=True, exist_ok=True)
             cache._write(folder / "b00000.safetensors", next(iter(stage)))
             os.kill(os.getpid(), signal.SIGKILL)
         cache.Stage.save = save_one_then_die
-    commit(self, index, results, next_inputs)
+    return save_hidden(self, index, next_inputs)
+resume.WorkDirectory.save_hidden = patched_save_hidden
+commit = resume.WorkDirectory.commit_layer
+def patched_commit(self, *args):
+    commit(self, *args)
     if mode == "slow":
         time.sleep(1.0)
 resume.WorkDirectory.commit_layer = patched_commit
-import runpy
-sys.argv = ["fabricq", *sys.argv[1:]]
-runpy.run_module("fabricq", run_name="__main__", alter_sys=True)  # as `python -m fabricq`
+if __name__ == "__main__":
+    # Run as a script file, Fabric's launcher re-executes this very file for ranks 1..N-1, so
+    # every rank is patched; from `-c`, run it as `python -m fabricq`.
+    if sys.argv[0] == "-c":
+        import runpy
+        sys.argv = ["fabricq", *sys.argv[1:]]
+        runpy.run_module("fabricq", run_name="__main__", alter_sys=True)
+    else:
+        from fabricq.__main__ import main
+        main()
 """
 
 
@@ -166,6 +176,44 @@ def test_kill_mid_snapshot_refuses_other_config_or_model_then_resumes(models, un
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["resumed_after_layer"] == 1
     assert_same_checkpoint(out, uninterrupted)
+
+
+def test_two_ranks_with_a_solve_window_killed_then_resumed_bit_identical(models, tmp_path):
+    """2 ranks, pipeline.lag=1, solve window 2 (auto): a layer is committed two layers after its
+    hidden states were saved. SIGKILL both ranks once layer 0 is committed; the same command
+    resumes and writes the uninterrupted 2-rank run's checkpoint."""
+    two_ranks = [*ARGS, *LAYER_MODE, "pipeline.lag=1", "trainer.devices=2", "trainer.cpu_oversubscribe=true",
+                 "trainer.timeout_s=60", f"model.path={models[0]}"]
+    reference = tmp_path / "reference"
+    result = run_cli(*two_ranks, f"output_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    window = json.loads((reference / "report.json").read_text())["distributed"]["solve_window"]
+    assert window["window"] == 2 and sum(window["solve_s_per_rank"]) > 0
+
+    out = tmp_path / "out"
+    args = [*two_ranks, f"output_dir={out}"]
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "KILL_MODE": "slow", "KILL_LAYER": "-1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "killer.py"), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state = work_dir(out) / "state" / "L00000.rank0.json"
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks (rank 1 is rank 0's child, same session)
+    proc.wait()
+    assert not out.exists()
+    # Layer 0 is final; the hidden states entering layers 2 and 3 were saved before their layers.
+    hidden = {p.name for p in (work_dir(out) / "hidden").iterdir()}
+    assert {"L00000.rank0", "L00001.rank0", "L00002.rank0"} <= hidden, hidden
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["resumed_after_layer"] in (0, 1, 2)
+    assert_same_checkpoint(out, reference)
 
 
 @pytest.mark.parametrize("bits, symmetric", [(3, False), (4, True), (8, True)])
