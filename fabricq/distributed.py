@@ -199,6 +199,12 @@ def launch(cfg: DictConfig, output_dir: Path):
     torch.distributed.all_gather_object(digests, config_digest(cfg))
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
+        # Every rank knows now; a rank that raised at once could exit while a peer still reads
+        # its part of the gather, and that peer would report a closed connection instead.
+        try:
+            torch.distributed.barrier()
+        except Exception:  # a peer already left after the barrier: the mismatch is the error
+            pass
         raise FabricqError(
             f"rank {fabric.global_rank}: the resolved config differs between ranks (rank(s) "
             f"{', '.join(map(str, differ))} vs rank 0): launch every rank with the same overrides"
@@ -651,6 +657,8 @@ class DistributedGPTQCallback(GPTQCallback):
     def on_layer_end(self, loop, index, layer) -> bool:
         changed = super().on_layer_end(loop, index, layer)
         if self.solve_window:  # publish what is due: D layers back, or everything at the last layer
+            if index >= self._last_layer and len(self._handed_out) > 1:
+                log.info("Waiting for the solves of the last %d layers (solve window)", len(self._handed_out))
             for k in sorted(self._handed_out):
                 if index >= self._last_layer or k <= index - self.solve_window:
                     self._publish(k)

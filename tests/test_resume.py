@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, run_cli
 from in_process import run_app
+from fabricq import resume
 from fabricq.errors import FabricqError
 
 ARGS = ["+recipe=gptq_w4", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
@@ -214,6 +215,32 @@ def test_two_ranks_with_a_solve_window_killed_then_resumed_bit_identical(models,
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["resumed_after_layer"] in (0, 1, 2)
     assert_same_checkpoint(out, reference)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_commit_steps_keep_what_a_lagging_peer_resumes_from(tmp_path, world):
+    """Hidden states are saved per layer ahead of the commits (a solve window); a commit step that
+    finishes several layers at once (the window's end) keeps, with several ranks, the layer before
+    the step, where a peer still one step behind would resume."""
+    from fabricq.activation_cache import ActivationCache
+
+    work = resume.WorkDirectory(tmp_path / ".out.work", rank=0, world_size=world)
+    work.prepare("auto", {"x": 1})
+    cache = ActivationCache("cpu")
+    for k in range(6):
+        stage = cache.new_stage()
+        stage.append(torch.full((1, 2, 3), float(k)))
+        assert work.save_hidden(k, stage) == 1
+    for first, last in ((0, 0), (1, 1), (2, 5)):
+        for k in range(first, last + 1):
+            work.commit_layer(k, {}, 1)
+        work.release_older(first, last)
+    markers = sorted(p.name for p in (work.path / "state").iterdir())
+    hidden = sorted(p.name for p in (work.path / "hidden").iterdir())
+    kept = range(5, 6) if world == 1 else range(1, 6)
+    assert markers == [f"L{k:05d}.rank0.json" for k in kept]
+    assert hidden == [f"L{k:05d}.rank0" for k in kept]
+    assert work.latest_finished_layer() == 5
 
 
 @pytest.mark.parametrize("bits, symmetric", [(3, False), (4, True), (8, True)])
