@@ -16,6 +16,10 @@ How a run with N ranks works (N = trainer.devices × trainer.num_nodes):
    quantized weights and continues error propagation on its own batches.
 4. After the first layer, measured solve times (broadcast with the results, so all ranks plan
    identically) replace the analytic cost for modules of the same shape.
+5. A step with fewer groups than ranks (a true-sequential gate: one group) splits rows instead:
+   every rank gets the group's Hessian and solves a slice of each module's rows.
+6. With `pipeline.lag=1`, solves may trail calibration by a window of layers, planned over the
+   whole run (`assign_with_backlog`) and solved on a thread per rank.
 
 The cost model and the assignment are pure functions (no torch.distributed): unit-tested against
 brute force and simulated on Llama-3 shapes in `benchmarks/assignment_sim.py`.
@@ -375,6 +379,20 @@ def assign_with_backlog(costs: list[float], loads: list[float]) -> list[int]:
     return owners
 
 
+# Row slices of a module start at multiples of this many rows: a matrix product then takes, for
+# every row, the same kernel path (and float summation order) as on the whole matrix, so the
+# slices' GPTQ results are bit-identical to one solve (checked on this CPU by the tests).
+ROW_ALIGN = 64
+
+
+def split_rows(rows: int, parts: int, align: int = ROW_ALIGN) -> list[range]:
+    """`parts` contiguous row ranges covering `rows`, as even as `align`-row units allow (trailing
+    ranges may be empty when there are fewer units than parts)."""
+    units = math.ceil(rows / align)
+    bounds = [min(rows, (units * i // parts) * align) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def makespan(costs: list[float], owners: list[int], world_size: int) -> float:
     loads = [0.0] * world_size
     for c, r in zip(costs, owners):
@@ -404,6 +422,10 @@ def unpack_upper(flat: torch.Tensor, n: int) -> torch.Tensor:
     out[i, j] = flat
     out[j, i] = flat
     return out
+
+
+def _groups_of(scheme, in_features: int) -> int:
+    return 1 if scheme.group_size == -1 else math.ceil(in_features / scheme.group_size)
 
 
 def _result_buffers(rows: int, cols: int, groups: int, device) -> dict[str, torch.Tensor]:
@@ -502,13 +524,13 @@ class DistributedGPTQCallback(GPTQCallback):
         if self.solve_window:
             self._hand_out(state, groups)
             return
+        if len(groups) < self.world_size:
+            # Too few groups to keep every rank busy (a true-sequential gate solves one group).
+            self._solve_row_slices(state, groups)
+            return
         dist = torch.distributed
         hessians = state.hessians
         tick = time.perf_counter()
-        if len(groups) < self.world_size:
-            # Too few groups to keep every rank busy (a true-sequential gate solves one group):
-            # share out the modules; their common Hessian then goes to each of their owners.
-            groups = [[name] for group in groups for name in group]
         tasks = [SolveTask(state.targets[g[0]].in_features, tuple(state.targets[n].out_features for n in g))
                  for g in groups]
         costs = [self.cost_model.predict(t) for t in tasks]
@@ -527,18 +549,11 @@ class DistributedGPTQCallback(GPTQCallback):
         pending = {}  # leader → (collective, payload, tokens) still to be waited for and unpacked
         for i, leader in enumerate(fresh):
             acc = hessians.accumulators[leader]
-            targets = {owners[g] for g in range(len(groups)) if leaders[g] == leader}
+            owner = owners[leaders.index(leader)]  # a group per leader: to its one owner only
             payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
-            size = payload.numel() * payload.element_size()
-            if len(targets) == 1:  # to its one owner only
-                owner = targets.pop()
-                work = dist.reduce(payload, dst=owner, async_op=True)
-                state.sum_holder[leader] = owner
-                self.bytes["hessian_reduce"] += size if owner != self.rank else 0
-            else:  # several owners share this Hessian: every rank gets the sum
-                work = dist.all_reduce(payload, async_op=True)
-                state.sum_holder[leader] = ALL_RANKS
-                self.bytes["hessian_reduce"] += size
+            work = dist.reduce(payload, dst=owner, async_op=True)
+            state.sum_holder[leader] = owner
+            self.bytes["hessian_reduce"] += payload.numel() * payload.element_size() if owner != self.rank else 0
             pending[leader] = (work, payload, int(tokens[i]))
         reduces = {leader: item[0] for leader, item in pending.items()}
 
@@ -557,7 +572,7 @@ class DistributedGPTQCallback(GPTQCallback):
             for name in names:
                 module = state.targets[name]
                 scheme = self.scheme_for(module)
-                n_groups = 1 if scheme.group_size == -1 else math.ceil(module.in_features / scheme.group_size)
+                n_groups = _groups_of(scheme, module.in_features)
                 if owner == self.rank:
                     qw = self.quantized[name]
                     bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
@@ -568,13 +583,6 @@ class DistributedGPTQCallback(GPTQCallback):
                 broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
         for work in [*reduces.values(), *broadcasts]:
             work.wait()
-        for leader, (_, payload, total) in pending.items():  # all-reduced sums this rank did not use yet
-            if state.sum_holder[leader] == ALL_RANKS:
-                acc = hessians.accumulators[leader]
-                if self.upper_triangle:
-                    acc.sum = unpack_upper(payload, acc.sum.shape[0])
-                acc.tokens = total
-
         # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
         mine = {
             "stats": {n: self.stats[n] for g, names in enumerate(groups) if owners[g] == self.rank for n in names},
@@ -608,6 +616,100 @@ class DistributedGPTQCallback(GPTQCallback):
         self._record_step(state.index, groups_report, planned, achieved, planned_in_seconds,
                           time.perf_counter() - tick)
         state.solved.update(n for names in groups for n in names)
+
+    def _solve_row_slices(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
+        """Every rank gets each group's summed Hessian (all-reduced, once per layer) and solves a
+        slice of every module's rows (`split_rows`): rows are independent given the Hessian, so
+        only the factorisation is repeated on each rank. The slices are broadcast and joined;
+        each module's objectives are the sums of its slices'."""
+        dist = torch.distributed
+        hessians = state.hessians
+        tick = time.perf_counter()
+        leaders = list(dict.fromkeys(hessians.leader[g[0]] for g in groups))
+        works = []
+        for leader in leaders:
+            holder = state.sum_holder.get(leader)
+            if holder == ALL_RANKS:
+                continue
+            acc = hessians.accumulators[leader]
+            tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=self.device)
+            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            if holder is None:  # partial sums everywhere: every rank needs the total
+                works.append((leader, dist.all_reduce(payload, async_op=True), payload, tokens,
+                              dist.all_reduce(tokens, async_op=True)))
+            else:  # one rank holds the total already (solved another member before): it sends it
+                works.append((leader, dist.broadcast(payload, src=holder, async_op=True), payload, tokens,
+                              dist.broadcast(tokens, src=holder, async_op=True)))
+            self.bytes["hessian_reduce"] += payload.numel() * payload.element_size()
+            state.sum_holder[leader] = ALL_RANKS
+        for leader, work, payload, tokens, tokens_work in works:
+            work.wait()
+            tokens_work.wait()
+            acc = hessians.accumulators[leader]
+            if self.upper_triangle:
+                acc.sum = unpack_upper(payload, acc.sum.shape[0])
+            acc.tokens = int(tokens)
+
+        names = [n for g in groups for n in g]
+        slices = {n: split_rows(state.targets[n].out_features, self.world_size) for n in names}
+        solved, seconds = {}, {}
+        for name in names:
+            mine = slices[name][self.rank]
+            if len(mine):
+                start = time.perf_counter()
+                weight = state.targets[name].weight.data[mine.start : mine.stop]
+                solved[name] = self.solve_module(name, weight, hessians)[:2]
+                seconds[name] = time.perf_counter() - start
+        parts, broadcasts = {}, []
+        for name in names:
+            module = state.targets[name]
+            n_groups = _groups_of(self.scheme_for(module), module.in_features)
+            first = next(r for r, rows in enumerate(slices[name]) if len(rows))
+            for r, rows in enumerate(slices[name]):
+                if not len(rows):
+                    continue
+                if r == self.rank:
+                    qw = solved[name][0]
+                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
+                else:
+                    bufs = _result_buffers(len(rows), module.in_features, n_groups, self.device)
+                if r != first:  # g_idx depends on the Hessian alone: one copy travels
+                    del bufs["g_idx"]
+                parts[name, r] = bufs
+                broadcasts += [dist.broadcast(b, src=r, async_op=True) for b in bufs.values()]
+                if r == self.rank:
+                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
+        for work in broadcasts:
+            work.wait()
+        mine_meta = {n: {"stats": stats, "info": qw.info, "seconds": seconds[n]} for n, (qw, stats) in solved.items()}
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, mine_meta)
+        self.bytes["metadata"] += len(repr(mine_meta))
+
+        groups_report, planned, achieved = [], [0.0] * self.world_size, [0.0] * self.world_size
+        for name in names:
+            module = state.targets[name]
+            owners = [r for r, rows in enumerate(slices[name]) if len(rows)]
+            joined = {k: torch.cat([parts[name, r][k].cpu() for r in owners]) for k in ("codes", "scale", "zero")}
+            metas = [gathered[r][name] for r in owners]
+            stats = dict(metas[0]["stats"])
+            for key in ("loss", "rtn_loss"):
+                stats[key] = sum(m["stats"][key] for m in metas)
+            stats["seconds"] = round(max(m["seconds"] for m in metas), 4)  # the slices ran side by side
+            qw = QuantizedWeight(joined["codes"], joined["scale"], joined["zero"], parts[name, owners[0]]["g_idx"].cpu(),
+                                 self.scheme_for(module), metas[0]["info"])
+            self.install(name, module, qw, stats)
+            for r in owners:
+                rows = slices[name][r]
+                cost = self.cost_model.predict(SolveTask(module.in_features, (len(rows),)))
+                planned[r] += cost
+                achieved[r] += gathered[r][name]["seconds"]
+                groups_report.append({"modules": [name], "rows_slice": [rows.start, rows.stop], "cols": module.in_features,
+                                      "rows": [len(rows)], "owner": r, "planned": round(cost, 6 if self.cost_model.in_seconds else 0),
+                                      "solve_s": round(gathered[r][name]["seconds"], 4)})
+        self._record_step(state.index, groups_report, planned, achieved, self.cost_model.in_seconds,
+                          time.perf_counter() - tick)
+        state.solved.update(names)
 
     # -- solve window ----------------------------------------------------------------------------
 
@@ -696,8 +798,7 @@ class DistributedGPTQCallback(GPTQCallback):
         for names, owner in zip(layer.groups, layer.owners):
             for name in names:
                 module = layer.state.targets[name]
-                scheme = self.scheme_for(module)
-                n_groups = 1 if scheme.group_size == -1 else math.ceil(module.in_features / scheme.group_size)
+                n_groups = _groups_of(self.scheme_for(module), module.in_features)
                 if owner == self.rank:
                     qw = mine[name][0]
                     bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
