@@ -122,6 +122,7 @@ def fabricq_overrides(args, output_dir: Path | None = None) -> list[str]:
     ]
     if args.model:
         result.append(f"model.path={q(Path(args.model).resolve())}")
+    result += args.fabricq_override  # e.g. quant.true_sequential=false (the two-forward mode)
     if output_dir is not None:
         result += [f"output_dir={q(output_dir)}", "overwrite=true"]
     return result
@@ -299,6 +300,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows evaluated (0: all)")
     p.add_argument("--eval-threads", type=int, default=os.cpu_count(), help="threads of the (untimed) evaluation")
+    p.add_argument("--fabricq-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra fabricq override (repeatable), e.g. quant.true_sequential=false")
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/compare_llmcompressor-<time>.json)")
     return p.parse_args(argv)

@@ -16,7 +16,7 @@ from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
 from fabricq.errors import FabricqError
 from fabricq.memory import release_freed_memory
 from fabricq.models import linear_modules
-from fabricq.quant.gptq import PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
+from fabricq.quant.gptq import PackedQuantizedWeight, PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
 from fabricq.quant.hessian import HessianAccumulator
 
@@ -160,7 +160,7 @@ class GPTQCallback(Callback):
     outputs of the quantized earlier ones. The groups are learnt on the first layer (gating
     every module there) and reused for layers with the same module names.
 
-    Results: `quantized` (module name → QuantizedWeight) and `stats` (per-module objective of
+    Results: `quantized` (module name → QuantizedWeight, or PackedQuantizedWeight below 8 bits) and `stats` (per-module objective of
     GPTQ and of round-to-nearest on the same Hessian, seconds, damping, effective group size).
     """
 
@@ -346,7 +346,7 @@ class GPTQCallback(Callback):
                 del self._prepared[leader]
         return value
 
-    def install(self, name: str, module: nn.Linear, result: QuantizedWeight, stats: dict,
+    def install(self, name: str, module: nn.Linear, result: "QuantizedWeight | PackedQuantizedWeight", stats: dict,
                 dequantized: torch.Tensor | None = None) -> None:
         """Put a module's quantized weight in place (also how a resumed run restores finished layers)."""
         if dequantized is None:
@@ -355,6 +355,9 @@ class GPTQCallback(Callback):
         # In place: loaded weights are often a private memory map of the checkpoint file; writing
         # into them replaces those pages, where a new tensor would keep both resident.
         weight.copy_(dequantized.to(device=weight.device, dtype=weight.dtype))
+        # Kept until export: packed below 8 bits (4-bit codes in half the bytes of int8).
+        if isinstance(result, QuantizedWeight) and result.scheme.bits < 8:
+            result = result.packed()
         self.quantized[name] = result
         self.stats[name] = stats
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fabricq.quant.gptq import QuantizedWeight
+from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
 from fabricq.quant.grid import dequantize_codes, expand_groups
 from fabricq.quant.packing import pack_int32, packed_width, unpack_int32
 
@@ -78,7 +78,7 @@ def save_compressed_checkpoint(
 
     model: a transformers PreTrainedModel whose quantized Linear modules hold the dequantized
         weights (only their shapes and dtype are used; the codes come from `quantized`).
-    quantized: module name (as in `model.named_modules()`) → its QuantizedWeight.
+    quantized: module name (as in `model.named_modules()`) → its QuantizedWeight (or PackedQuantizedWeight).
     ignore: extra entries for the config's `ignore` list (module names or `re:` patterns);
         unquantized Linear modules are listed there anyway.
     """
@@ -118,8 +118,8 @@ def _validate(model, modules: dict, quantized: dict[str, QuantizedWeight]) -> No
             raise KeyError(f"{name!r} is not a module with a weight in {type(model).__name__}")
         rows, cols = module.weight.shape
         scheme = qw.scheme
-        if tuple(qw.codes.shape) != (rows, cols):
-            raise ValueError(f"{name}: codes {tuple(qw.codes.shape)} vs weight {(rows, cols)}")
+        if tuple(qw.shape) != (rows, cols):
+            raise ValueError(f"{name}: codes {tuple(qw.shape)} vs weight {(rows, cols)}")
         if scheme.group_size != -1 and cols % scheme.group_size != 0:
             raise ValueError(
                 f"{name}: group size {scheme.group_size} does not divide {cols} input columns; "
@@ -128,7 +128,8 @@ def _validate(model, modules: dict, quantized: dict[str, QuantizedWeight]) -> No
         groups = scheme.groups_for(cols)
         if tuple(qw.scale.shape) != (rows, groups) or tuple(qw.zero.shape) != (rows, groups):
             raise ValueError(f"{name}: scale/zero must be {(rows, groups)}, got {tuple(qw.scale.shape)}")
-        if qw.codes.min() < scheme.qmin or qw.codes.max() > scheme.qmax:
+        # (Packed codes are on the grid by construction: b bits unpack to [qmin, qmax].)
+        if isinstance(qw, QuantizedWeight) and (qw.codes.min() < scheme.qmin or qw.codes.max() > scheme.qmax):
             raise ValueError(f"{name}: codes outside [{scheme.qmin}, {scheme.qmax}]")
         if scheme.symmetric and bool((qw.zero != 0).any()):
             raise ValueError(f"{name}: symmetric scheme with non-zero zero points")
@@ -164,10 +165,13 @@ def _unquantized_state_dict(model, quantized) -> dict[str, torch.Tensor]:
 
 def _compressed_tensors_for(name: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     scheme = qw.scheme
-    codes = qw.codes.cpu().to(torch.int8)
-    rows, cols = codes.shape
+    rows, cols = qw.shape
+    if isinstance(qw, PackedQuantizedWeight):  # already in this layout
+        packed = qw.packed_codes.cpu().contiguous()
+    else:
+        packed = pack_int32(qw.codes.cpu().to(torch.int8), scheme.bits, dim=1)
     out = {
-        f"{name}.weight_packed": pack_int32(codes, scheme.bits, dim=1),
+        f"{name}.weight_packed": packed,
         f"{name}.weight_scale": qw.scale.cpu().to(dtype).contiguous(),
         f"{name}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }

@@ -429,3 +429,34 @@ def test_rejects_group_size_not_dividing_columns(tmp_path):
     qw = rtn_quantize(model.get_submodule(name).weight.data, QuantScheme(4, 64, True, "none"))
     with pytest.raises(ValueError, match="does not divide"):
         save_compressed_checkpoint(model, {name: qw}, tmp_path)
+
+
+@pytest.mark.parametrize("bits, symmetric, actorder", [(4, True, "static"), (3, False, "dynamic"), (2, False, "none")])
+def test_packed_weight_is_the_same_weight_in_fewer_bytes(bits, symmetric, actorder):
+    """What a run holds of each finished module until export (below 8 bits): the same codes,
+    dequantized weight and exported tensors as the int8 form, in bits/8 of its bytes."""
+    from fabricq.export import _compressed_tensors_for
+
+    g = torch.Generator().manual_seed(bits)
+    w, x = torch.randn(40, 96, generator=g), torch.randn(300, 96, generator=g)
+    qw = gptq_quantize(w, x.T @ x / 300, QuantScheme(bits, 32, symmetric, actorder), block_size=32)
+    packed = qw.packed()
+    assert packed.shape == qw.shape == (40, 96)
+    assert torch.equal(packed.codes, qw.codes)
+    assert torch.equal(packed.dequantize(), qw.dequantize())
+    assert packed.packed_codes.numel() * 4 == 40 * 96 * bits // 8
+    a, b = _compressed_tensors_for("m", qw, torch.float32), _compressed_tensors_for("m", packed, torch.float32)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gptq_callback_holds_packed_codes_below_8_bits():
+    from fabricq.callbacks import GPTQCallback, GPTQSettings
+    from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
+
+    for bits, kind in ((4, PackedQuantizedWeight), (8, QuantizedWeight)):
+        callback = GPTQCallback(GPTQSettings(method="rtn", scheme=QuantScheme(bits, 32, True, "none")))
+        module = torch.nn.Linear(64, 16, bias=False)
+        callback.quantize_module("m", module, None)
+        held = callback.quantized["m"]
+        assert isinstance(held, kind)
+        assert torch.equal(module.weight.data, held.dequantize())

@@ -22,6 +22,7 @@ from fabricq.quant.grid import (
     expand_groups,
     quantize_codes,
 )
+from fabricq.quant.packing import pack_int32, unpack_int32
 
 
 @dataclass
@@ -39,6 +40,42 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     scheme: QuantScheme
     info: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(
+            self.codes, expand_groups(self.scale, self.g_idx), expand_groups(self.zero, self.g_idx)
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def packed(self) -> "PackedQuantizedWeight":
+        return PackedQuantizedWeight(pack_int32(self.codes, self.scheme.bits), self.codes.shape[1], self.scale,
+                                     self.zero, self.g_idx, self.scheme, self.info)
+
+
+@dataclass
+class PackedQuantizedWeight:
+    """A QuantizedWeight held with its codes packed into int32 words (`pack_int32` along the
+    columns, the layout compressed-tensors stores): what a run keeps of every finished module
+    until export, 4-bit codes in half the bytes of int8. `codes` unpacks on demand."""
+
+    packed_codes: torch.Tensor
+    columns: int
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    scheme: QuantScheme
+    info: dict = field(default_factory=dict)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return unpack_int32(self.packed_codes, self.scheme.bits, self.columns)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed_codes.shape[0], self.columns)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(
