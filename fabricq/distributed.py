@@ -781,6 +781,8 @@ class DistributedGPTQCallback(GPTQCallback):
                 result, stats, _ = self.solve_module(name, weight, state.hessians)
                 results[name] = (result, stats)
         state.hessians.accumulators.pop(state.hessians.leader[names[0]], None)  # solved: free it
+        if self.device.type == "cuda":  # the results are read by the lag worker's broadcasts
+            torch.cuda.current_stream(self.device).synchronize()
         return results, time.perf_counter() - start
 
     def _publish(self, index: int) -> None:

@@ -313,8 +313,9 @@ def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight, dict]]:
 
 
 def agreed_finished_layer(finished: int | None, device) -> int | None:
-    """With several ranks: the last layer that every rank finished (each rank keeps the state of
-    its last two layers, and ranks are at most one layer apart when a crash hits)."""
+    """With several ranks: the last layer that every rank finished (a peer is at most one commit
+    step behind, and each rank keeps the markers and hidden states from the layer before its
+    latest step on: `WorkDirectory.release_older`)."""
     value = torch.tensor([-1 if finished is None else finished], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     agreed = int(value.item())
