@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState
 from fabricq.errors import FabricqError
-from fabricq.quant.gptq import QuantizedWeight
+from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
+from fabricq.quant.packing import packed_width
 
 log = logging.getLogger("fabricq")
 
@@ -428,13 +429,32 @@ def _groups_of(scheme, in_features: int) -> int:
     return 1 if scheme.group_size == -1 else math.ceil(in_features / scheme.group_size)
 
 
-def _result_buffers(rows: int, cols: int, groups: int, device) -> dict[str, torch.Tensor]:
+def _result_buffers(rows: int, cols: int, groups: int, device, packed_bits: int | None = None) -> dict[str, torch.Tensor]:
+    """Receive buffers of one module's result; `packed_bits`: its codes travel packed as held."""
+    if packed_bits:
+        codes = {"packed_codes": torch.empty(rows, packed_width(cols, packed_bits), dtype=torch.int32, device=device)}
+    else:
+        codes = {"codes": torch.empty(rows, cols, dtype=torch.int8, device=device)}
     return {
-        "codes": torch.empty(rows, cols, dtype=torch.int8, device=device),
+        **codes,
         "scale": torch.empty(rows, groups, dtype=torch.float32, device=device),
         "zero": torch.empty(rows, groups, dtype=torch.float32, device=device),
         "g_idx": torch.empty(cols, dtype=torch.int32, device=device),
     }
+
+
+def _held_result_parts(qw) -> dict[str, torch.Tensor]:
+    """What travels of a result as `GPTQCallback.install` holds it (codes packed below 8 bits:
+    half the bytes, and no unpacking)."""
+    codes = {"packed_codes": qw.packed_codes} if isinstance(qw, PackedQuantizedWeight) else {"codes": qw.codes}
+    return {**codes, "scale": qw.scale, "zero": qw.zero, "g_idx": qw.g_idx}
+
+
+def _result_from(parts: dict[str, torch.Tensor], cols: int, scheme, info: dict):
+    cpu = {k: v.cpu() for k, v in parts.items()}
+    if "packed_codes" in cpu:
+        return PackedQuantizedWeight(cpu["packed_codes"], cols, cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, info)
+    return QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, info)
 
 
 ALL_RANKS = -2  # a Hessian sum every rank holds (all-reduced)
@@ -574,11 +594,11 @@ class DistributedGPTQCallback(GPTQCallback):
                 scheme = self.scheme_for(module)
                 n_groups = _groups_of(scheme, module.in_features)
                 if owner == self.rank:
-                    qw = self.quantized[name]
-                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
+                    bufs = {k: v.to(self.device) for k, v in _held_result_parts(self.quantized[name]).items()}
                     self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
                 else:
-                    bufs = _result_buffers(module.out_features, module.in_features, n_groups, self.device)
+                    bufs = _result_buffers(module.out_features, module.in_features, n_groups, self.device,
+                                           packed_bits=scheme.bits if scheme.bits < 8 else None)
                     received[name] = (bufs, scheme)
                 broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
         for work in [*reduces.values(), *broadcasts]:
@@ -598,8 +618,7 @@ class DistributedGPTQCallback(GPTQCallback):
             for name, stats in part["stats"].items():
                 if name in received:
                     bufs, scheme = received[name]
-                    cpu = {k: v.cpu() for k, v in bufs.items()}
-                    qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"], scheme, part["info"][name])
+                    qw = _result_from(bufs, state.targets[name].in_features, scheme, part["info"][name])
                     self.install(name, state.targets[name], qw, stats)
 
         planned_in_seconds = self.cost_model.in_seconds
@@ -827,9 +846,7 @@ class DistributedGPTQCallback(GPTQCallback):
                 if name in mine:
                     qw = mine[name][0]
                 else:
-                    cpu = {k: v.cpu() for k, v in received[name].items()}
-                    qw = QuantizedWeight(cpu["codes"], cpu["scale"], cpu["zero"], cpu["g_idx"],
-                                         self.scheme_for(module), info[name])
+                    qw = _result_from(received[name], module.in_features, self.scheme_for(module), info[name])
                 self.install(name, module, qw, stats[name])
         achieved, planned = [0.0] * self.world_size, [0.0] * self.world_size
         for task, cost, seconds, owner in zip(layer.tasks, layer.costs, solve_s, layer.owners):
