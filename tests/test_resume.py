@@ -111,6 +111,15 @@ def start_killable(mode: str, layer: int, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until `path` exists (the run committed that far) while `proc` is still running."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert ta.keys() == tb.keys()
@@ -130,12 +139,7 @@ def test_sigkill_between_layers_then_same_command_resumes_bit_identical(models, 
     out = tmp_path / "out"
     args = [*ARGS, *SPILL, f"model.path={models[0]}", f"output_dir={out}"]
     proc = start_killable("slow", -1, *args)  # sleeps 1 s after each commit: time to poll and kill
-    state = work_dir(out) / "state" / "L00001.rank0.json"
-    deadline = time.monotonic() + 300
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(work_dir(out) / "state" / "L00001.rank0.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -198,12 +202,7 @@ def test_two_ranks_with_a_solve_window_killed_then_resumed_bit_identical(models,
            "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "killer.py"), *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    state = work_dir(out) / "state" / "L00000.rank0.json"
-    deadline = time.monotonic() + 300
-    while not state.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for(work_dir(out) / "state" / "L00000.rank0.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks (rank 1 is rank 0's child, same session)
     proc.wait()
     assert not out.exists()
