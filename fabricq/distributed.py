@@ -531,6 +531,22 @@ class DistributedGPTQCallback(GPTQCallback):
     def final_through(self, index: int) -> int:
         return self._published_through if self.solve_window else index
 
+    def _broadcast_result(self, qw, src: int, rows: int, cols: int, n_groups: int, works: list, *,
+                          packed_bits: int | None = None, with_g_idx: bool = True) -> dict[str, torch.Tensor]:
+        """One module's (or row slice's) result from rank `src` to every rank: the source sends `qw`
+        as it is (packed codes stay packed), the others receive into buffers that must match
+        (`packed_bits`). The collectives are appended to `works`; returns the buffers."""
+        if src == self.rank:
+            bufs = {k: v.to(self.device) for k, v in _held_result_parts(qw).items()}
+        else:
+            bufs = _result_buffers(rows, cols, n_groups, self.device, packed_bits)
+        if not with_g_idx:
+            del bufs["g_idx"]
+        works += [torch.distributed.broadcast(b, src=src, async_op=True) for b in bufs.values()]
+        if src == self.rank:
+            self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
+        return bufs
+
     def _solve_group(self, state: "_DistributedLayerState", names: list[str]) -> float:
         start = time.perf_counter()
         for name in names:
@@ -592,15 +608,12 @@ class DistributedGPTQCallback(GPTQCallback):
             for name in names:
                 module = state.targets[name]
                 scheme = self.scheme_for(module)
-                n_groups = _groups_of(scheme, module.in_features)
-                if owner == self.rank:
-                    bufs = {k: v.to(self.device) for k, v in _held_result_parts(self.quantized[name]).items()}
-                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
-                else:
-                    bufs = _result_buffers(module.out_features, module.in_features, n_groups, self.device,
-                                           packed_bits=scheme.bits if scheme.bits < 8 else None)
+                bufs = self._broadcast_result(  # as install holds it: packed below 8 bits
+                    self.quantized.get(name), owner, module.out_features, module.in_features,
+                    _groups_of(scheme, module.in_features), broadcasts,
+                    packed_bits=scheme.bits if scheme.bits < 8 else None)
+                if owner != self.rank:
                     received[name] = (bufs, scheme)
-                broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
         for work in [*reduces.values(), *broadcasts]:
             work.wait()
         # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
@@ -685,19 +698,10 @@ class DistributedGPTQCallback(GPTQCallback):
             n_groups = _groups_of(self.scheme_for(module), module.in_features)
             first = next(r for r, rows in enumerate(slices[name]) if len(rows))
             for r, rows in enumerate(slices[name]):
-                if not len(rows):
-                    continue
-                if r == self.rank:
-                    qw = solved[name][0]
-                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
-                else:
-                    bufs = _result_buffers(len(rows), module.in_features, n_groups, self.device)
-                if r != first:  # g_idx depends on the Hessian alone: one copy travels
-                    del bufs["g_idx"]
-                parts[name, r] = bufs
-                broadcasts += [dist.broadcast(b, src=r, async_op=True) for b in bufs.values()]
-                if r == self.rank:
-                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
+                if len(rows):  # g_idx depends on the Hessian alone: one copy travels
+                    parts[name, r] = self._broadcast_result(
+                        solved[name][0] if r == self.rank else None, r, len(rows), module.in_features, n_groups,
+                        broadcasts, with_g_idx=r == first)
         for work in broadcasts:
             work.wait()
         mine_meta = {n: {"stats": stats, "info": qw.info, "seconds": seconds[n]} for n, (qw, stats) in solved.items()}
@@ -819,14 +823,11 @@ class DistributedGPTQCallback(GPTQCallback):
         for names, owner in zip(layer.groups, layer.owners):
             for name in names:
                 module = layer.state.targets[name]
-                n_groups = _groups_of(self.scheme_for(module), module.in_features)
-                if owner == self.rank:
-                    qw = mine[name][0]
-                    bufs = {k: getattr(qw, k).to(self.device) for k in ("codes", "scale", "zero", "g_idx")}
-                    self.bytes["result_broadcast"] += sum(b.numel() * b.element_size() for b in bufs.values()) * (self.world_size - 1)
-                else:
-                    bufs = received[name] = _result_buffers(module.out_features, module.in_features, n_groups, self.device)
-                broadcasts += [dist.broadcast(b, src=owner, async_op=True) for b in bufs.values()]
+                bufs = self._broadcast_result(
+                    mine[name][0] if owner == self.rank else None, owner, module.out_features, module.in_features,
+                    _groups_of(self.scheme_for(module), module.in_features), broadcasts)
+                if owner != self.rank:
+                    received[name] = bufs
         for work in broadcasts:
             work.wait()
         own = {"stats": {n: stats for n, (_, stats) in mine.items()}, "info": {n: qw.info for n, (qw, _) in mine.items()},
