@@ -300,15 +300,20 @@ def _save_results(path: Path, results: dict[str, tuple[QuantizedWeight, dict]]) 
     os.replace(tmp, path)
 
 
-def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight, dict]]:
+def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantizedWeight, dict]]:
+    """The results of one layer file, in the form a run holds them (packed below 8 bits)."""
     out = {}
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["modules"])
         for name, m in meta.items():
             scheme = QuantScheme(**m["scheme"])
             parts = {p: f.get_tensor(f"{name}.{p}") for p in ("scale", "zero", "g_idx")}
-            codes = unpack_int32(f.get_tensor(f"{name}.codes_packed"), scheme.bits, parts["g_idx"].numel())
-            out[name] = (QuantizedWeight(codes.to(torch.int8), **parts, scheme=scheme, info=m["info"]), m["stats"])
+            packed, columns = f.get_tensor(f"{name}.codes_packed"), parts["g_idx"].numel()
+            if scheme.bits < 8:
+                qw = PackedQuantizedWeight(packed, columns, **parts, scheme=scheme, info=m["info"])
+            else:
+                qw = QuantizedWeight(unpack_int32(packed, scheme.bits, columns), **parts, scheme=scheme, info=m["info"])
+            out[name] = (qw, m["stats"])
     return out
 
 
