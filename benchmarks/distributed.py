@@ -7,7 +7,10 @@ Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =
 - calibration: `timings.quantize_s` (capture, forwards, Hessians, solves, error propagation);
 - GPTQ phase: on one rank the sum of the modules' solve seconds; on N ranks the sum over layers
   of the layer-end step (Hessian reduction, solves, result broadcast), i.e. the critical path —
-  with a solve window (pipeline.lag=1) the busiest rank's solver-thread seconds instead;
+  with a solve window (pipeline.lag=1) the busiest rank's solver-thread seconds instead. The
+  step's first wait, for the slowest rank to finish its forwards ("arrival"), is calibration
+  imbalance: it is printed on its own and not counted here. Rank 0's split of the step
+  (arrival, reduce, solve, results, metadata, install) is in the JSON;
 - bytes communicated (Hessian reductions to owners, result broadcasts, metadata).
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py                 # 128 × 512 C4, 2 ranks
@@ -51,12 +54,20 @@ def run_once(ranks: int, args, out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     if ranks == 1:
         gptq_s = sum(m["seconds"] for m in report["modules"].values())
+        arrival_s, phases_s = 0.0, {}
         bytes_sent = {}
         balance = None
         cpu_per_rank = [cpu_s]
     else:
         layers = report["distributed"]["layers"]
-        gptq_s = sum(layer["wall_s"] for layer in layers)
+        # From the moment every rank holds its Hessians: the wait for the slowest rank's forwards
+        # (arrival) is calibration imbalance, reported on its own.
+        arrival_s = sum(layer.get("phases_s", {}).get("arrival", 0.0) for layer in layers)
+        gptq_s = sum(layer["wall_s"] for layer in layers) - arrival_s
+        phases_s = {}
+        for layer in layers:
+            for key, seconds in layer.get("phases_s", {}).items():
+                phases_s[key] = phases_s.get(key, 0.0) + seconds
         bytes_sent = report["distributed"]["bytes_sent"]
         cpu_per_rank = report["distributed"].get("cpu_s_per_rank")
         balance = sum(layer["achieved_makespan_s"] for layer in layers) / sum(
@@ -69,7 +80,8 @@ def run_once(ranks: int, args, out: Path) -> dict:
     return {
         "solve_window": window,
         "ranks": ranks, "process_s": process_s, "wall_s": report["wall_s"],
-        "quantize_s": report["timings"]["quantize_s"], "gptq_s": gptq_s, "bytes_sent": bytes_sent,
+        "quantize_s": report["timings"]["quantize_s"], "gptq_s": gptq_s, "arrival_s": arrival_s,
+        "gptq_phases_s_rank0": phases_s, "bytes_sent": bytes_sent,
         "solve_makespan_over_ideal": balance, "ppl_after": report.get("ppl_after"),
         "cpu_s_all_processes": cpu_s, "cpu_s_per_rank": cpu_per_rank,
     }
@@ -132,6 +144,9 @@ def main() -> None:
     total = sum(multi["bytes_sent"].values())
     print(f"\nbytes communicated per run: {total / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in multi['bytes_sent'].items())}); "
           f"solve makespan / ideal {multi['solve_makespan_over_ideal']:.3f}")
+    if multi["gptq_phases_s_rank0"]:
+        print(f"rank 0's layer-end steps: {', '.join(f'{k} {v:.1f} s' for k, v in multi['gptq_phases_s_rank0'].items())} "
+              f"(arrival = waiting for the slowest rank's forwards, not in the GPTQ phase above)")
     if multi["solve_window"]:
         w = multi["solve_window"]
         print(f"solve window {w['window']} layers (pipeline.lag=1): GPTQ phase above = the busiest rank's solver "

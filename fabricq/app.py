@@ -50,6 +50,7 @@ from fabricq.resume import (
 log = logging.getLogger("fabricq")
 
 METHODS = ("gptq", "rtn")
+HEAP_POLICIES = ("compact", "fast")
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -95,6 +96,8 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
     if cfg.pipeline.lag not in (0, 1) or isinstance(cfg.pipeline.lag, bool):
         raise FabricqError(f"pipeline.lag must be 0 or 1, got {cfg.pipeline.lag!r}")
     check_budgets(0, cfg.cache.device_mib, cfg.cache.host_mib, "")
+    if cfg.cache.heap not in HEAP_POLICIES:
+        raise FabricqError(f"cache.heap must be one of {HEAP_POLICIES}, got {cfg.cache.heap!r}")
     if not isinstance(q.true_sequential, bool):
         raise FabricqError(f"quant.true_sequential must be true or false, got {q.true_sequential!r}")
     budgets = {k: v for k, v in (("cache.device_mib", cfg.cache.device_mib), ("cache.host_mib", cfg.cache.host_mib))
@@ -154,8 +157,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     settings = validate_config(cfg)
-    # Freed tensors go back to the OS at once instead of piling up in the heap (peak RSS).
-    return_large_blocks_to_os()
+    if cfg.cache.heap == "compact":  # freed tensors go back to the OS at once (peak RSS)
+        return_large_blocks_to_os()
     check_output_dir(output_dir, cfg.overwrite)
     source = resolve_model_source(cfg.model.path)
     model_config = check_model_files(source)

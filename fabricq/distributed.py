@@ -581,7 +581,8 @@ class DistributedGPTQCallback(GPTQCallback):
         fresh = list(dict.fromkeys(leaders[g] for g in range(len(groups)) if leaders[g] not in state.sum_holder))
         tokens = torch.tensor([hessians.accumulators[l].tokens for l in fresh], dtype=torch.int64, device=self.device)
         if fresh:
-            dist.all_reduce(tokens)
+            dist.all_reduce(tokens)  # blocks until the slowest rank has finished its forwards
+        phases = {"arrival": time.perf_counter() - tick, "reduce": 0.0, "solve": 0.0}
         pending = {}  # leader → (collective, payload, tokens) still to be waited for and unpacked
         for i, leader in enumerate(fresh):
             acc = hessians.accumulators[leader]
@@ -599,12 +600,15 @@ class DistributedGPTQCallback(GPTQCallback):
             if owner == self.rank:
                 if leaders[g] in pending:  # the summed Hessian arrives (once per leader)
                     work, payload, total = pending.pop(leaders[g])
+                    waited = time.perf_counter()
                     work.wait()
+                    phases["reduce"] += time.perf_counter() - waited
                     acc = hessians.accumulators[leaders[g]]
                     if self.upper_triangle:
                         acc.sum = unpack_upper(payload, acc.sum.shape[0])
                     acc.tokens = total
                 solve_s[g] = self._solve_group(state, names)
+                phases["solve"] += solve_s[g]
             for name in names:
                 module = state.targets[name]
                 scheme = self.scheme_for(module)
@@ -614,17 +618,22 @@ class DistributedGPTQCallback(GPTQCallback):
                     packed_bits=scheme.bits if scheme.bits < 8 else None)
                 if owner != self.rank:
                     received[name] = (bufs, scheme)
+        waited = time.perf_counter()
         for work in [*reduces.values(), *broadcasts]:
             work.wait()
+        phases["results"] = time.perf_counter() - waited
         # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
         mine = {
             "stats": {n: self.stats[n] for g, names in enumerate(groups) if owners[g] == self.rank for n in names},
             "info": {n: self.quantized[n].info for g, names in enumerate(groups) if owners[g] == self.rank for n in names},
             "solve_s": {g: solve_s[g] for g in range(len(groups)) if owners[g] == self.rank},
         }
+        waited = time.perf_counter()
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, mine)
         self.bytes["metadata"] += len(repr(mine))
+        phases["metadata"] = time.perf_counter() - waited
+        waited = time.perf_counter()
         for part in gathered:
             for g, seconds in part["solve_s"].items():
                 solve_s[g] = seconds
@@ -633,6 +642,7 @@ class DistributedGPTQCallback(GPTQCallback):
                     bufs, scheme = received[name]
                     qw = _result_from(bufs, state.targets[name].in_features, scheme, part["info"][name])
                     self.install(name, state.targets[name], qw, stats)
+        phases["install"] = time.perf_counter() - waited
 
         planned_in_seconds = self.cost_model.in_seconds
         for task, seconds in zip(tasks, solve_s):
@@ -646,7 +656,7 @@ class DistributedGPTQCallback(GPTQCallback):
                           "planned": round(c, 6 if planned_in_seconds else 0), "solve_s": round(s, 4)}
                          for names, t, c, s, r in zip(groups, tasks, costs, solve_s, owners)]
         self._record_step(state.index, groups_report, planned, achieved, planned_in_seconds,
-                          time.perf_counter() - tick)
+                          time.perf_counter() - tick, phases)
         state.solved.update(n for names in groups for n in names)
 
     def _solve_row_slices(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
@@ -675,12 +685,13 @@ class DistributedGPTQCallback(GPTQCallback):
             self.bytes["hessian_reduce"] += payload.numel() * payload.element_size()
             state.sum_holder[leader] = ALL_RANKS
         for leader, work, payload, tokens, tokens_work in works:
-            work.wait()
+            work.wait()  # the first one also waits for the slowest rank's forwards
             tokens_work.wait()
             acc = hessians.accumulators[leader]
             if self.upper_triangle:
                 acc.sum = unpack_upper(payload, acc.sum.shape[0])
             acc.tokens = int(tokens)
+        phases = {"reduce": time.perf_counter() - tick}
 
         names = [n for g in groups for n in g]
         slices = {n: split_rows(state.targets[n].out_features, self.world_size) for n in names}
@@ -692,6 +703,7 @@ class DistributedGPTQCallback(GPTQCallback):
                 weight = state.targets[name].weight.data[mine.start : mine.stop]
                 solved[name] = self.solve_module(name, weight, hessians)[:2]
                 seconds[name] = time.perf_counter() - start
+        phases["solve"] = sum(seconds.values())
         parts, broadcasts = {}, []
         for name in names:
             module = state.targets[name]
@@ -702,12 +714,17 @@ class DistributedGPTQCallback(GPTQCallback):
                     parts[name, r] = self._broadcast_result(
                         solved[name][0] if r == self.rank else None, r, len(rows), module.in_features, n_groups,
                         broadcasts, with_g_idx=r == first)
+        waited = time.perf_counter()
         for work in broadcasts:
             work.wait()
+        phases["results"] = time.perf_counter() - waited
+        waited = time.perf_counter()
         mine_meta = {n: {"stats": stats, "info": qw.info, "seconds": seconds[n]} for n, (qw, stats) in solved.items()}
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, mine_meta)
         self.bytes["metadata"] += len(repr(mine_meta))
+        phases["metadata"] = time.perf_counter() - waited
+        waited = time.perf_counter()
 
         groups_report, planned, achieved = [], [0.0] * self.world_size, [0.0] * self.world_size
         for name in names:
@@ -730,8 +747,9 @@ class DistributedGPTQCallback(GPTQCallback):
                 groups_report.append({"modules": [name], "rows_slice": [rows.start, rows.stop], "cols": module.in_features,
                                       "rows": [len(rows)], "owner": r, "planned": round(cost, 6 if self.cost_model.in_seconds else 0),
                                       "solve_s": round(gathered[r][name]["seconds"], 4)})
+        phases["install"] = time.perf_counter() - waited
         self._record_step(state.index, groups_report, planned, achieved, self.cost_model.in_seconds,
-                          time.perf_counter() - tick)
+                          time.perf_counter() - tick, phases)
         state.solved.update(names)
 
     # -- solve window ----------------------------------------------------------------------------
@@ -861,10 +879,12 @@ class DistributedGPTQCallback(GPTQCallback):
         self._record_step(index, groups_report, planned, achieved, False, time.perf_counter() - tick)
 
     def _record_step(self, index: int, groups: list[dict], planned: list[float], achieved: list[float],
-                     planned_in_seconds: bool, wall_s: float) -> None:
+                     planned_in_seconds: bool, wall_s: float, phases: dict[str, float] | None = None) -> None:
         """Add one solve step to the current layer's report entry. A layer solved in several steps
         (true-sequential gates) waits for each step's slowest rank, so its makespan is the sum of
-        the steps' makespans."""
+        the steps' makespans. `phases`: where this rank's wall time of the step went (arrival:
+        waiting for the slowest rank's forwards; reduce: for Hessian sums; solve; results: for
+        other owners' broadcasts; metadata; install)."""
         entry = self.layers[-1] if self.layers and self.layers[-1]["layer"] == index else None
         if entry is None:
             entry = {"layer": index, "groups": [], "steps": 0,
@@ -879,6 +899,8 @@ class DistributedGPTQCallback(GPTQCallback):
         entry["achieved_per_rank_s"] = [round(a + b, 4) for a, b in zip(entry["achieved_per_rank_s"], achieved)]
         entry["achieved_makespan_s"] = round(entry["achieved_makespan_s"] + max(achieved), 4)
         entry["wall_s"] = round(entry["wall_s"] + wall_s, 4)
+        if phases:
+            entry["phases_s"] = {k: round(entry.get("phases_s", {}).get(k, 0.0) + v, 4) for k, v in phases.items()}
         planned_total, achieved_total = sum(entry["planned_per_rank"]), sum(entry["achieved_per_rank_s"])
         entry["planned_makespan_over_ideal"] = (entry["planned_makespan"] / (planned_total / self.world_size)
                                                 if planned_total else 1.0)

@@ -128,6 +128,7 @@ def test_overwrite_replaces_output_with_rtn(tiny_run, tiny_llama, tmp_path):
         (["pipeline.lag=2"], "pipeline.lag must be 0 or 1, got 2"),
         (["pipeline.lag=1"], "set quant.true_sequential=false with pipeline.lag=1"),
         (["trainer.solve_window=2"], "trainer.solve_window=2 needs pipeline.lag=1"),
+        (["cache.heap=small"], "cache.heap must be one of ('compact', 'fast'), got 'small'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):

@@ -82,3 +82,23 @@ def test_large_tensors_fault_in_huge_pages_unless_the_environment_says_otherwise
     assert on and not off
     assert small > 8000  # 4 KiB pages (at least half of the 16384)
     assert huge < small / 20
+
+
+@pytest.mark.parametrize("heap, applied", [("compact", True), ("fast", False)])
+def test_cache_heap_selects_the_heap_policy(heap, applied, tmp_path, shared_path, monkeypatch):
+    """`cache.heap=compact` (the default) applies the policy before any work; `fast` leaves the C
+    library's own policy in place. Stops right after the policy would be set."""
+    import fabricq.app
+    from in_process import run_app
+
+    calls = []
+    monkeypatch.setattr(fabricq.app, "return_large_blocks_to_os", lambda: calls.append("policy") or True)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(fabricq.app, "check_output_dir", stop)
+    model = shared_path("models", "stories260k")
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_app("+recipe=gptq_w4", f"model.path={model}", f"cache.heap={heap}", f"output_dir={tmp_path / 'out'}")
+    assert calls == (["policy"] if applied else [])
