@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
-from fabricq.quant.grid import dequantize_codes, expand_groups
+from fabricq.quant.grid import dequantize_groups
 from fabricq.quant.packing import pack_int32, packed_width, unpack_int32
 
 __all__ = ["save_compressed_checkpoint", "load_dequantized_state_dict"]
@@ -364,6 +364,6 @@ def load_dequantized_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
                 g_idx = torch.zeros(cols, dtype=torch.long)
             else:
                 raise ValueError(f"{module}: unsupported weight strategy {strategy!r}")
-        weight = dequantize_codes(codes, expand_groups(scale.float(), g_idx), expand_groups(zero, g_idx))
+        weight = dequantize_groups(codes, scale.float(), zero, g_idx)
         tensors[f"{module}.weight"] = weight.to(scale.dtype)
     return tensors

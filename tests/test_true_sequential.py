@@ -150,3 +150,69 @@ def test_coroutines_take_turns_in_order():
     assert [c.resume() for c in coroutines] == [None] * 3
     assert [c.result for c in coroutines] == [0, 10, 20] and all(c.done for c in coroutines)
     assert log == [(i, s) for s in range(3) for i in range(3)]
+
+
+class _Block(torch.nn.Module):
+    """x + f(x) with an optional norm after the last projection (Gemma 2 puts one there)."""
+
+    def __init__(self, post_norm: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.up, self.down = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+        self.post_norm = torch.nn.LayerNorm(8) if post_norm else torch.nn.Identity()
+
+    def forward(self, x):
+        return x + self.post_norm(self.down(torch.relu(self.up(x))))
+
+
+def test_output_adds_module_output_only_for_a_plain_last_projection():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from fabricq.calibration import output_adds_module_output
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
+    plain, normed = _Block(post_norm=False), _Block(post_norm=True)
+    assert output_adds_module_output(plain, plain.down, x, {})
+    assert not output_adds_module_output(normed, normed.down, x, {})  # a norm follows it
+    assert not output_adds_module_output(plain, plain.up, x, {})  # not the last one called
+    layer = tiny_llama().model.layers[0]
+    seen = []
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    rotary = LlamaRotaryEmbedding(tiny_llama().config)
+    hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(5))
+    kwargs = {"position_embeddings": rotary(hidden, torch.arange(6)[None].expand(2, -1)), "attention_mask": None}
+    assert output_adds_module_output(layer, layer.mlp.down_proj, hidden, kwargs)
+    assert not output_adds_module_output(layer, layer.mlp.up_proj, hidden, kwargs)
+    assert seen == []  # the layer's own hooks saw none of the probe's forwards
+    assert "forward" not in layer.mlp.down_proj.__dict__
+    handle.remove()
+
+
+def test_batches_finish_the_layer_before_its_last_gate_is_quantized():
+    """At the down_proj gate nothing is paused any more (the batches' activations are freed)."""
+    alive = {}
+
+    class AtGates(Callback):
+        def on_gate(self, loop, index, layer, name):
+            threads = [t for t in threading.enumerate() if t.name.startswith("fabricq-batch")]
+            if name.endswith("down_proj"):  # finished batches' threads may still be exiting
+                for t in threads:
+                    t.join(timeout=5)
+            alive[index, name.split(".", 3)[-1]] = [t.name for t in threads if t.is_alive()]
+
+    run_fabricq(True, [AtGates()])
+    batches = -(-SAMPLES.shape[0] // 2)
+    for index in range(3):
+        assert alive[index, "mlp.down_proj"] == []
+        assert len(alive[index, "mlp.gate_proj"]) == batches  # paused at the earlier gates
+
+
+def test_gated_forward_without_finishing_early_matches_the_reference(monkeypatch):
+    """The general path (every batch pauses at every gate, e.g. a norm after the last Linear)."""
+    import fabricq.calibration
+
+    monkeypatch.setattr(fabricq.calibration, "output_adds_module_output", lambda *a: False)
+    expected = reference_true_sequential(tiny_llama(), batch_size=2)
+    _, gptq = run_fabricq(true_sequential=True)
+    for name, codes in expected.items():
+        assert torch.equal(gptq.quantized[name].codes, codes), name

@@ -18,7 +18,7 @@ import torch
 from fabricq.quant.grid import (
     QuantScheme,
     compute_qparams,
-    dequantize_codes,
+    dequantize_groups,
     expand_groups,
     quantize_codes,
 )
@@ -42,9 +42,7 @@ class QuantizedWeight:
     info: dict = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_codes(
-            self.codes, expand_groups(self.scale, self.g_idx), expand_groups(self.zero, self.g_idx)
-        )
+        return dequantize_groups(self.codes, self.scale, self.zero, self.g_idx)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,9 +76,7 @@ class PackedQuantizedWeight:
         return (self.packed_codes.shape[0], self.columns)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_codes(
-            self.codes, expand_groups(self.scale, self.g_idx), expand_groups(self.zero, self.g_idx)
-        )
+        return dequantize_groups(self.codes, self.scale, self.zero, self.g_idx)
 
 
 class HessianNotPositiveDefinite(RuntimeError):

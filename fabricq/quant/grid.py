@@ -108,6 +108,22 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.float() - zero) * scale
 
 
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """`dequantize_codes` with (rows, groups) params and each column's group in `g_idx`. When the
+    groups are contiguous runs of equal width (no act-order, static act-order) the params are
+    broadcast over a (rows, groups, width) view instead of expanded to full size: the same
+    values, without two (rows, columns) float temporaries."""
+    rows, columns = codes.shape
+    groups = scale.shape[1]
+    if columns % groups == 0:
+        width = columns // groups
+        contiguous = torch.arange(columns, device=g_idx.device) // width
+        if torch.equal(g_idx.to(contiguous.dtype), contiguous):
+            grouped = dequantize_codes(codes.reshape(rows, groups, width), scale[:, :, None], zero[:, :, None])
+            return grouped.view(rows, columns)
+    return dequantize_codes(codes, expand_groups(scale, g_idx), expand_groups(zero, g_idx))
+
+
 def expand_groups(params: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """(rows, groups) per-group values → (rows, columns) per-column values."""
     # index_select, not params[:, g_idx]: the same copy, several times faster on CPU.
