@@ -5,8 +5,9 @@ Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =
 
 - end-to-end: the process's wall time (interpreter start to exit) and the run's own `wall_s`;
 - calibration: `timings.quantize_s` (capture, forwards, Hessians, solves, error propagation);
-- GPTQ phase: on one rank the sum of the modules' solve seconds; on N ranks the sum over layers
-  of the layer-end step (Hessian reduction, solves, result broadcast), i.e. the critical path —
+- GPTQ phase: on one rank the wall time of the solve steps (`timings.solve_steps_s`: solves and
+  installs of the quantized weights); on N ranks the sum over layers of the layer-end step
+  (Hessian reduction, solves, result broadcast, installs), i.e. the critical path —
   with a solve window (pipeline.lag=1) the busiest rank's solver-thread seconds instead. The
   step's first wait, for the slowest rank to finish its forwards ("arrival"), is calibration
   imbalance: it is printed on its own and not counted here. Rank 0's split of the step
@@ -53,7 +54,9 @@ def run_once(ranks: int, args, out: Path) -> dict:
     cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     report = json.loads((out / "report.json").read_text())
     if ranks == 1:
-        gptq_s = sum(m["seconds"] for m in report["modules"].values())
+        # The solve steps' wall time (solves and installs), as on N ranks; older reports: the
+        # modules' solve seconds (no installs).
+        gptq_s = report["timings"].get("solve_steps_s") or sum(m["seconds"] for m in report["modules"].values())
         arrival_s, phases_s = 0.0, {}
         bytes_sent = {}
         balance = None

@@ -245,6 +245,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         cache.close()
     report["cache"] = cache.report()
     timings["quantize_s"] = time.perf_counter() - tick
+    timings["solve_steps_s"] = gptq.solve_steps_s
 
     if cfg.eval.enabled:
         tick = time.perf_counter()

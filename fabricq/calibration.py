@@ -43,6 +43,10 @@ class Callback:
     (round-to-nearest), the loop runs no forward pass at all."""
 
     needs_activations = False
+    # Whether `on_layer_end` may change a layer whose forward was gated (some callback returned
+    # gates for it). When no callback may, the gated forward frees the layer's inputs as soon as
+    # every batch has finished it, since no second forward will need them.
+    changes_layer_after_gates = True
 
     def on_run_start(self, loop: "CalibrationLoop") -> None: ...
 
@@ -287,9 +291,10 @@ class CalibrationLoop:
             return _layer_output(layer(hidden, **kwargs))
 
     def _forward_gated(self, layer: nn.Module, inputs: Stage, index: int, gates: list[str],
-                       outputs: Stage | None) -> None:
+                       outputs: Stage | None, release_inputs: bool = False) -> None:
         """Every batch through `layer` at once, pausing all of them before each gate module (see
-        the module docstring); `outputs` receives the layer's outputs after the last gate."""
+        the module docstring); `outputs` receives the layer's outputs after the last gate.
+        `release_inputs`: free `inputs` once every batch has finished the layer."""
         modules = dict(layer.named_modules(prefix=self.layer_name(index)))
         unknown = [g for g in gates if g not in modules]
         if unknown:
@@ -344,6 +349,8 @@ class CalibrationLoop:
                 opened.add(name)
                 for batch in batches:
                     batch.resume()
+            if release_inputs:
+                inputs.release()
             if last is not None:
                 del modules[last].forward
                 self._fire("on_gate", index, layer, last)
@@ -430,12 +437,16 @@ class CalibrationLoop:
                 self._fire("on_layer_start", index, layer)
                 outputs = None
                 gates = [g for gates in self._fire("gates", index, layer) for g in gates] if observe else []
+                release = bool(gates) and not any(cb.changes_layer_after_gates for cb in self.callbacks)
                 if gates:  # one forward: it observes and already yields the quantized layer's outputs
                     outputs = self.cache.new_stage() if index < last else None
-                    self._forward_gated(layer, inputs, index, gates, outputs)
+                    self._forward_gated(layer, inputs, index, gates, outputs, release_inputs=release)
                 elif observe:
                     self._forward(layer, inputs, index, observe=True, outputs=None)
                 changed = any(self._fire("on_layer_end", index, layer))
+                if release and changed:
+                    raise RuntimeError(f"a callback changed {self.layer_name(index)} after its gates, but every "
+                                       "callback declared changes_layer_after_gates=False (its inputs are gone)")
                 if observe and index < last and (not gates or changed):
                     # Error propagation: the next layer sees this (now final) layer's outputs.
                     if outputs is not None:

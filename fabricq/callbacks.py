@@ -164,6 +164,8 @@ class GPTQCallback(Callback):
     GPTQ and of round-to-nearest on the same Hessian, seconds, damping, effective group size).
     """
 
+    changes_layer_after_gates = False  # with gates, every group is solved at its gate
+
     def __init__(self, settings: GPTQSettings):
         self.settings = settings
         self.needs_activations = settings.method == "gptq"
@@ -175,6 +177,9 @@ class GPTQCallback(Callback):
         self._prepared: dict[str, _SharedPreparation] = {}
         self._prepared_for: weakref.ref | None = None
         self._prepared_lock = threading.Lock()
+        # Wall seconds of the solve steps (everything between a gate or a layer's end and the
+        # batches going on: solves, installs, and on several ranks the collectives).
+        self.solve_steps_s = 0.0
 
     def targets(self, loop: CalibrationLoop, index: int, layer: nn.Module) -> dict[str, nn.Linear]:
         ignore = [re.compile(p) for p in self.settings.ignore]
@@ -229,7 +234,9 @@ class GPTQCallback(Callback):
         group = state.hessians.group_of(name) if state.hessians.preset else [name]
         pending = [n for n in group if n not in state.solved]
         if pending:
+            start = time.perf_counter()
             self.solve_groups(state, [pending])
+            self.solve_steps_s += time.perf_counter() - start
 
     def on_batch_end(self, loop, index, batch):
         hessians = self._layers[index].hessians
@@ -253,7 +260,9 @@ class GPTQCallback(Callback):
         pending = [[n for n in g if n not in state.solved] for g in groups]
         pending = [g for g in pending if g]
         if pending:
+            start = time.perf_counter()
             self.solve_groups(state, pending)
+            self.solve_steps_s += time.perf_counter() - start
         del self._layers[index]
         release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(pending)
@@ -367,6 +376,8 @@ class ProgressCallback(Callback):
 
     A layer is finished once it is final and the next layer's inputs exist (`on_layer_complete`):
     after its error-propagation pass, or, with a lag, once its solves on the worker are done."""
+
+    changes_layer_after_gates = False
 
     def on_run_start(self, loop):
         self._run_start = self._layer_start = time.perf_counter()

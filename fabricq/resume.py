@@ -333,6 +333,8 @@ class CheckpointCallback(Callback):
     its results and commit marker (the results come from `gptq`, the GPTQCallback of the same
     loop)."""
 
+    changes_layer_after_gates = False
+
     def __init__(self, work: WorkDirectory, gptq):
         self.work = work
         self.gptq = gptq
