@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fabricq import distributed
 from fabricq.activation_cache import cache_from_config, check_budgets
-from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback
+from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback, ReleaseFinishedWeights
 from fabricq.calibration import CalibrationLoop
 from fabricq.data import check_text_path, prepare_text
 from fabricq.errors import FabricqError
-from fabricq.memory import return_large_blocks_to_os
+from fabricq.memory import drop_mapped_pages, return_large_blocks_to_os
 from fabricq.models import (
     DTYPES,
     check_finite_weights,
@@ -191,6 +191,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     prefix = layer_prefix(model, layers)
     targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
     check_finite_weights(model, targets)
+    modules = dict(model.named_modules())
+    # Reading every weight paged the loader's memory map in; each layer's pages come back when
+    # the layer is calibrated, the rest need not be resident meanwhile (peak RSS).
+    drop_mapped_pages(modules[name].weight for name in targets)
     timings["load_s"] = time.perf_counter() - tick
     log.info(
         "Model %s: %d decoder layers, %d Linear modules; calibration %d × %d tokens",
@@ -206,6 +210,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
             fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before"
         )
         model.to("cpu")
+        drop_mapped_pages(modules[name].weight for name in targets)
         reference = before.pop("logprobs")
         report["ppl_before"] = before["ppl"]
         report["eval_tokens"] = before["tokens"]
@@ -223,10 +228,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     else:
         gptq = GPTQCallback(settings)
     # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
+    release = ReleaseFinishedWeights(gptq)  # dense copies of finished layers: not kept
     samples = distributed.local_samples(text.calibration, cfg.data.batch_size, rank, world)
     loop = CalibrationLoop(
         model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
-        callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq)],
+        callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq), release],
         cache=cache, prefetch=cfg.pipeline.prefetch, lag=cfg.pipeline.lag,
     )
     start_layer, inputs = 0, None
@@ -249,6 +255,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     if cfg.eval.enabled:
         tick = time.perf_counter()
+        release.restore(model)
         model.to(fabric.device)
         after = distributed.evaluate_sharded(
             fabric, model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after"

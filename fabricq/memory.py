@@ -106,3 +106,52 @@ def huge_pages_for_large_tensors() -> bool:
     if "torch" not in sys.modules:
         os.environ.setdefault(TORCH_HUGE_PAGES, "1")
     return os.environ.get(TORCH_HUGE_PAGES) == "1"
+
+
+MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _private_file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files whose name ends with `suffix`."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1].endswith("p") and fields[5].endswith(suffix):
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def drop_mapped_pages(tensors, suffix: str = ".safetensors") -> int:
+    """Take the pages of `tensors` that lie in private mappings of `suffix` files (weights the
+    loader memory-mapped from a checkpoint) out of this process's resident memory: clean pages
+    are simply unmapped (re-read from the page cache if touched again), pages written since
+    (copy-on-write copies) are discarded, so the memory reads as the file again. Only whole
+    pages inside a tensor and inside such a mapping are advised; other memory (the heap) is
+    never touched. Callers use it for weights they will not read again, or that are unchanged.
+    Returns the bytes advised (0 off Linux/glibc)."""
+    libc = _glibc()
+    if libc is None:
+        return 0
+    mappings = _private_file_mappings(suffix)
+    if not mappings:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        start = -(-start // _PAGE) * _PAGE  # whole pages only: neighbours may share the edges
+        end = end // _PAGE * _PAGE
+        for low, high in mappings:
+            lo, hi = max(start, low), min(end, high)
+            if lo < hi and libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                advised += hi - lo
+    return advised

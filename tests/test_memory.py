@@ -102,3 +102,72 @@ def test_cache_heap_selects_the_heap_policy(heap, applied, tmp_path, shared_path
     with pytest.raises(RuntimeError, match="stop here"):
         run_app("+recipe=gptq_w4", f"model.path={model}", f"cache.heap={heap}", f"output_dir={tmp_path / 'out'}")
     assert calls == (["policy"] if applied else [])
+
+
+def _rss_file_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("RssFile"))
+
+
+@pytest.mark.skipif(_glibc() is None, reason="madvise through glibc")
+def test_drop_mapped_pages_leaves_resident_memory_and_keeps_clean_contents(tmp_path):
+    """Pages of a private file mapping leave RSS; clean ones read back the same, written ones
+    revert to the file; heap memory is never advised."""
+    import mmap
+
+    import torch
+
+    from fabricq.memory import drop_mapped_pages
+
+    path = tmp_path / "weights.safetensors"  # the suffix the loader's mappings have
+    values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    path.write_bytes(values.numpy().tobytes())
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    weight = torch.frombuffer(mapped, dtype=torch.float32)
+    assert torch.equal(weight, values)  # every page resident now
+    before = _rss_file_mib()
+    advised = drop_mapped_pages([weight])
+    assert advised >= (64 << 20) - 8192
+    assert before - _rss_file_mib() > 60
+    assert torch.equal(weight, values)  # clean pages: re-read from the file
+    weight[:1024].fill_(-1.0)  # a copy-on-write page
+    drop_mapped_pages([weight])
+    assert torch.equal(weight[:1024], values[:1024])  # discarded: the file's contents again
+    heap = values.clone()
+    assert drop_mapped_pages([heap]) == 0 and torch.equal(heap, values)
+    del weight
+    mapped.close()
+
+
+def test_finished_layers_give_up_their_dense_weights_and_restore_rebuilds_them():
+    import torch
+
+    from fabricq.calibration import Callback, CalibrationLoop
+    from fabricq.callbacks import GPTQCallback, GPTQSettings, ReleaseFinishedWeights
+    from fabricq.quant.grid import QuantScheme
+    from test_calibration import SAMPLES, tiny_llama
+
+    model = tiny_llama()
+    gptq = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 16, True, "static"), block_size=8))
+    release = ReleaseFinishedWeights(gptq)
+    seen = {}
+
+    class Watch(Callback):  # what layers 0 and 2 hold once layer 1 is complete
+        def on_layer_complete(self, loop, index, next_inputs):
+            if index == 1:
+                seen["layer0"] = {m.weight.device.type for m in loop.layers[0].modules()
+                                  if isinstance(m, torch.nn.Linear)}
+                seen["layer2"] = {m.weight.device.type for m in loop.layers[2].modules()
+                                  if isinstance(m, torch.nn.Linear)}
+
+    CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[gptq, release, Watch()]).run()
+    assert seen == {"layer0": {"meta"}, "layer2": {"cpu"}}  # finished layers only
+    modules = dict(model.named_modules())
+    assert len(gptq.quantized) == 21
+    assert all(modules[name].weight.is_meta for name in gptq.quantized)
+    release.restore(model)
+    for name, result in gptq.quantized.items():
+        assert torch.equal(modules[name].weight, result.dequantize()), name
+    logits = model(input_ids=SAMPLES[:1]).logits
+    assert torch.isfinite(logits).all()

@@ -189,22 +189,29 @@ def test_output_adds_module_output_only_for_a_plain_last_projection():
 
 
 def test_batches_finish_the_layer_before_its_last_gate_is_quantized():
-    """At the down_proj gate nothing is paused any more (the batches' activations are freed)."""
-    alive = {}
+    """At the down_proj gate nothing is paused any more (the batches' activations are freed),
+    and the layer's inputs are gone from the cache (no second forward will need them)."""
+    alive, held = {}, {}
 
     class AtGates(Callback):
+        changes_layer_after_gates = False
+
         def on_gate(self, loop, index, layer, name):
             threads = [t for t in threading.enumerate() if t.name.startswith("fabricq-batch")]
             if name.endswith("down_proj"):  # finished batches' threads may still be exiting
                 for t in threads:
                     t.join(timeout=5)
             alive[index, name.split(".", 3)[-1]] = [t.name for t in threads if t.is_alive()]
+            held[index, name.split(".", 3)[-1]] = sum(loop.cache.used.values())
 
     run_fabricq(True, [AtGates()])
     batches = -(-SAMPLES.shape[0] // 2)
+    stage = SAMPLES.numel() * 32 * 4  # one layer's hidden states (hidden 32, float32)
     for index in range(3):
         assert alive[index, "mlp.down_proj"] == []
         assert len(alive[index, "mlp.gate_proj"]) == batches  # paused at the earlier gates
+        assert held[index, "mlp.gate_proj"] == stage  # the inputs
+        assert held[index, "mlp.down_proj"] == 0  # released; the outputs enter the cache after it
 
 
 def test_gated_forward_without_finishing_early_matches_the_reference(monkeypatch):
