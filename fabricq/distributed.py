@@ -425,6 +425,13 @@ def unpack_upper(flat: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def _reduction_payload(acc, upper_triangle: bool) -> torch.Tensor:
+    """What a rank sends of a Hessian accumulator: its raw sum (reduced in place), or with
+    `upper_triangle` only one triangle of it. The raw sum is exact on and below the diagonal, so
+    the triangle sent is the lower one, read as the upper triangle of the transpose."""
+    return pack_upper(acc.raw.T) if upper_triangle else acc.raw
+
+
 def _groups_of(scheme, in_features: int) -> int:
     return 1 if scheme.group_size == -1 else math.ceil(in_features / scheme.group_size)
 
@@ -587,7 +594,7 @@ class DistributedGPTQCallback(GPTQCallback):
         for i, leader in enumerate(fresh):
             acc = hessians.accumulators[leader]
             owner = owners[leaders.index(leader)]  # a group per leader: to its one owner only
-            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            payload = _reduction_payload(acc, self.upper_triangle)
             work = dist.reduce(payload, dst=owner, async_op=True)
             state.sum_holder[leader] = owner
             self.bytes["hessian_reduce"] += payload.numel() * payload.element_size() if owner != self.rank else 0
@@ -605,21 +612,32 @@ class DistributedGPTQCallback(GPTQCallback):
                     phases["reduce"] += time.perf_counter() - waited
                     acc = hessians.accumulators[leaders[g]]
                     if self.upper_triangle:
-                        acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                        acc.sum = unpack_upper(payload, acc.raw.shape[0])
                     acc.tokens = total
                 solve_s[g] = self._solve_group(state, names)
                 phases["solve"] += solve_s[g]
             for name in names:
                 module = state.targets[name]
                 scheme = self.scheme_for(module)
+                works = []
                 bufs = self._broadcast_result(  # as install holds it: packed below 8 bits
                     self.quantized.get(name), owner, module.out_features, module.in_features,
-                    _groups_of(scheme, module.in_features), broadcasts,
+                    _groups_of(scheme, module.in_features), works,
                     packed_bits=scheme.bits if scheme.bits < 8 else None)
+                broadcasts += works
                 if owner != self.rank:
-                    received[name] = (bufs, scheme)
+                    received[name] = (bufs, scheme, works)
         waited = time.perf_counter()
-        for work in [*reduces.values(), *broadcasts]:
+        for work in reduces.values():
+            work.wait()
+        # Other owners' results, installed as they arrive (while later ones are still being
+        # solved); their metadata (method, damping) is filled in below.
+        for name, (bufs, scheme, works) in received.items():
+            for work in works:
+                work.wait()
+            module = state.targets[name]
+            self.install(name, module, _result_from(bufs, module.in_features, scheme, {}), {})
+        for work in broadcasts:
             work.wait()
         phases["results"] = time.perf_counter() - waited
         # Small per-module metadata (method, damping, objectives, solve seconds) from each owner.
@@ -633,16 +651,13 @@ class DistributedGPTQCallback(GPTQCallback):
         dist.all_gather_object(gathered, mine)
         self.bytes["metadata"] += len(repr(mine))
         phases["metadata"] = time.perf_counter() - waited
-        waited = time.perf_counter()
         for part in gathered:
             for g, seconds in part["solve_s"].items():
                 solve_s[g] = seconds
             for name, stats in part["stats"].items():
                 if name in received:
-                    bufs, scheme = received[name]
-                    qw = _result_from(bufs, state.targets[name].in_features, scheme, part["info"][name])
-                    self.install(name, state.targets[name], qw, stats)
-        phases["install"] = time.perf_counter() - waited
+                    self.quantized[name].info.update(part["info"][name])
+                    self.stats[name] = stats
 
         planned_in_seconds = self.cost_model.in_seconds
         for task, seconds in zip(tasks, solve_s):
@@ -675,7 +690,7 @@ class DistributedGPTQCallback(GPTQCallback):
                 continue
             acc = hessians.accumulators[leader]
             tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=self.device)
-            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            payload = _reduction_payload(acc, self.upper_triangle)
             if holder is None:  # partial sums everywhere: every rank needs the total
                 works.append((leader, dist.all_reduce(payload, async_op=True), payload, tokens,
                               dist.all_reduce(tokens, async_op=True)))
@@ -689,7 +704,7 @@ class DistributedGPTQCallback(GPTQCallback):
             tokens_work.wait()
             acc = hessians.accumulators[leader]
             if self.upper_triangle:
-                acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                acc.sum = unpack_upper(payload, acc.raw.shape[0])
             acc.tokens = int(tokens)
         phases = {"reduce": time.perf_counter() - tick}
 
@@ -777,7 +792,7 @@ class DistributedGPTQCallback(GPTQCallback):
         reduces = []
         for leader, owner in zip(leaders, owners):
             acc = hessians.accumulators[leader]
-            payload = pack_upper(acc.sum) if self.upper_triangle else acc.sum
+            payload = _reduction_payload(acc, self.upper_triangle)
             reduces.append((dist.reduce(payload, dst=owner, async_op=True), payload))
             self.bytes["hessian_reduce"] += payload.numel() * payload.element_size() if owner != self.rank else 0
         for g, ((work, payload), leader, owner) in enumerate(zip(reduces, leaders, owners)):
@@ -785,7 +800,7 @@ class DistributedGPTQCallback(GPTQCallback):
             if owner == self.rank:
                 acc = hessians.accumulators[leader]
                 if self.upper_triangle:
-                    acc.sum = unpack_upper(payload, acc.sum.shape[0])
+                    acc.sum = unpack_upper(payload, acc.raw.shape[0])
                 acc.tokens = int(tokens[g])
             else:  # what `reduce` left here is garbage: free it now, not when the layer is published
                 del hessians.accumulators[leader]
@@ -883,8 +898,9 @@ class DistributedGPTQCallback(GPTQCallback):
         """Add one solve step to the current layer's report entry. A layer solved in several steps
         (true-sequential gates) waits for each step's slowest rank, so its makespan is the sum of
         the steps' makespans. `phases`: where this rank's wall time of the step went (arrival:
-        waiting for the slowest rank's forwards; reduce: for Hessian sums; solve; results: for
-        other owners' broadcasts; metadata; install)."""
+        waiting for the slowest rank's forwards; reduce: for Hessian sums; solve; results:
+        waiting for other owners' broadcasts and installing them; metadata; install: of row
+        slices, joined after the metadata)."""
         entry = self.layers[-1] if self.layers and self.layers[-1]["layer"] == index else None
         if entry is None:
             entry = {"layer": index, "groups": [], "steps": 0,

@@ -42,6 +42,13 @@ class HessianAccumulator:
             self._upper_stale = False
         return self._sum
 
+    @property
+    def raw(self) -> torch.Tensor:
+        """The sum as accumulated: exact on and below the diagonal; above it stale until `sum` is
+        read. What ranks add up (a collective reducing it in place keeps it raw): the mirroring
+        then happens once, on the rank that reads the total, not on every rank before sending."""
+        return self._sum
+
     @sum.setter
     def sum(self, value: torch.Tensor) -> None:
         self._sum = value
