@@ -182,6 +182,30 @@ def test_upper_triangle_round_trip():
     assert torch.equal(unpack_upper(flat, 7), h)
 
 
+@pytest.mark.parametrize("upper_triangle", [False, True])
+def test_raw_sums_from_ranks_add_up_to_the_full_hessian(upper_triangle):
+    """Ranks send their raw sums (wide inputs accumulate only the lower triangle, in strips):
+    the total, mirrored once where it is read, is the Hessian of all their tokens."""
+    from fabricq.distributed import _reduction_payload
+    from fabricq.quant.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 300, generator=g) for n in (40, 70)]  # 300 columns: stripped
+    ranks = [HessianAccumulator(300) for _ in parts]
+    for acc, x in zip(ranks, parts):
+        acc.add(x)
+    owner = ranks[0]
+    payloads = [_reduction_payload(acc, upper_triangle) for acc in ranks]
+    total = payloads[0] + payloads[1]  # what a reduce to the owner computes
+    if upper_triangle:
+        owner.sum = unpack_upper(total, 300)
+    else:
+        owner.raw.copy_(total)  # in place, as the collective writes it
+    expected = sum(x.double().T @ x.double() for x in parts)
+    assert torch.allclose(owner.sum.double(), expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(owner.sum, owner.sum.T)
+
+
 def _trainer(**kw):
     base = dict(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", timeout_s=600,
                 cpu_oversubscribe=False, hessian_upper_triangle=False, balance="measured", solve_window="auto")
