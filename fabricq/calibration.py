@@ -305,8 +305,8 @@ class CalibrationLoop:
         # The last gate, if the layer's output is just added to its module's (see
         # `output_adds_module_output`): batches do not pause there but finish the layer with that
         # module returning zeros, keeping only its input; once the module is quantized, its output
-        # is added. What a paused batch would hold besides that input (the layer's input and
-        # residual, the normed activations: ~40% of it in a Llama MLP) is freed meanwhile.
+        # is added. What a paused batch would hold besides that input (its frames: the normed
+        # activations, the residual that becomes the output, the call's arguments) is not held.
         last, last_inputs = None, {}
         handles = []
 

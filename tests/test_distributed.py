@@ -307,7 +307,13 @@ def test_multirun_with_several_ranks_makes_one_complete_directory_per_job(multir
         # Every rank of every layer solved something it was assigned; owners are valid ranks.
         for layer in report["distributed"]["layers"]:
             assert {g["owner"] for g in layer["groups"]} <= set(range(world))
+            # Where rank 0's time in the layer's solve steps went (row slices: true-sequential gates).
+            phases = layer["phases_s"]
+            assert set(phases) == {"reduce", "solve", "results", "metadata", "install"}
+            assert min(phases.values()) >= 0 and sum(phases.values()) <= layer["wall_s"] + 1e-3
         assert report["distributed"]["bytes_sent"]["hessian_reduce"] > 0
+        steps = sum(layer["wall_s"] for layer in report["distributed"]["layers"])
+        assert report["timings"]["solve_steps_s"] == pytest.approx(steps, rel=0.05, abs=0.05)
 
 
 def test_float64_hessians_give_bit_identical_checkpoints_on_1_2_3_ranks(one_rank_runs, multirun_2_and_3_ranks):
