@@ -115,7 +115,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def _private_file_mappings(suffix: str) -> list[tuple[int, int]]:
     """(start, end) of this process's private mappings of files whose name ends with `suffix`."""
     try:
-        lines = open("/proc/self/maps").read().splitlines()
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
     except OSError:
         return []
     ranges = []
