@@ -234,9 +234,12 @@ class GPTQCallback(Callback):
         group = state.hessians.group_of(name) if state.hessians.preset else [name]
         pending = [n for n in group if n not in state.solved]
         if pending:
-            start = time.perf_counter()
-            self.solve_groups(state, [pending])
-            self.solve_steps_s += time.perf_counter() - start
+            self._solve_step(state, [pending])
+
+    def _solve_step(self, state: LayerState, groups: list[list[str]]) -> None:
+        start = time.perf_counter()
+        self.solve_groups(state, groups)
+        self.solve_steps_s += time.perf_counter() - start
 
     def on_batch_end(self, loop, index, batch):
         hessians = self._layers[index].hessians
@@ -260,9 +263,7 @@ class GPTQCallback(Callback):
         pending = [[n for n in g if n not in state.solved] for g in groups]
         pending = [g for g in pending if g]
         if pending:
-            start = time.perf_counter()
-            self.solve_groups(state, pending)
-            self.solve_steps_s += time.perf_counter() - start
+            self._solve_step(state, pending)
         del self._layers[index]
         release_freed_memory()  # the layer's activations and Hessians, so they do not pile up in the heap
         return bool(pending)

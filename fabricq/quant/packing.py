@@ -80,4 +80,4 @@ def _unpack_bytes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     stream = packed.contiguous().view(torch.uint8)  # (rows, 4·words)
     mask = (1 << bits) - 1
     values = torch.stack([(stream >> (i * bits)) & mask for i in range(8 // bits)], dim=2).view(rows, -1)
-    return (values[:, :length].view(torch.int8) - (1 << (bits - 1))).to(torch.int8)
+    return values[:, :length].view(torch.int8) - (1 << (bits - 1))  # int8 arithmetic wraps back
