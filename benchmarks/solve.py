@@ -1,4 +1,4 @@
-"""The GPTQ solve phase of real layers: this checkout's `GPTQCallback.quantize_module` against a
+"""The GPTQ solve phase of real layers: this checkout's `GPTQCallback.quantize_group` against a
 baseline commit's per-module path, on real Hessians.
 
 Calibrates the first `--layers` decoder layers of the default model (SmolLM2-135M) on real text
@@ -6,8 +6,8 @@ once, keeping each layer's Hessians and original weights. Then, interleaved repe
 thread: "before" runs the baseline commit's code (its `fabricq/quant/gptq.py` and `grid.py`,
 read with `git show`) exactly as its callback did per module — `gptq_quantize`, the dequantized
 result, a round-to-nearest baseline and both objectives for the report — and "after" runs this
-checkout's `quantize_module` over the same modules in the same order (shared-input groups
-prepared once). Checks that both give bit-identical codes, scales, zeros, g_idx and objectives,
+checkout's `quantize_group` over the same modules, group by group (shared-input groups
+prepared once and solved stacked). Checks that both give bit-identical codes, scales, zeros, g_idx and objectives,
 prints per-module medians and the ratio, and writes benchmarks/results/solve-<time>.json.
 
     python benchmarks/solve.py                                   # 2 layers, 5 repeats
@@ -107,8 +107,8 @@ def solve_before(gptq, settings, weights, hessians):
 
 def solve_after(settings, modules, hessians):
     callback = GPTQCallback(settings)
-    for name, module in modules.items():
-        callback.quantize_module(name, module, hessians)
+    for group in hessians.groups():
+        callback.quantize_group(group, [modules[n] for n in group], hessians)
     return {n: (callback.quantized[n], callback.stats[n]["loss"], callback.stats[n]["rtn_loss"]) for n in modules}
 
 

@@ -280,63 +280,86 @@ class GPTQCallback(Callback):
         """Quantize the modules of `groups` (lists of modules sharing a Hessian) of layer `state`."""
         hessians, targets = state.hessians, state.targets
         names = [n for group in groups for n in group]
-        if self.settings.solve_threads > 1 and len(names) > 1:
+        if self.settings.solve_threads > 1 and len(groups) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            # Solves of one layer are independent; torch releases the GIL inside them.
+            # Groups of one layer are independent; torch releases the GIL inside their solves.
             with ThreadPoolExecutor(self.settings.solve_threads, thread_name_prefix="fabricq-solve") as pool:
-                list(pool.map(lambda n: self.quantize_module(n, targets[n], hessians), names))
+                list(pool.map(lambda g: self.quantize_group(g, [targets[n] for n in g], hessians), groups))
             for table in (self.quantized, self.stats):  # the order of a sequential run
                 for name in names:
                     table[name] = table.pop(name)
         else:
-            for name in names:
-                self.quantize_module(name, targets[name], hessians)
+            for group in groups:
+                self.quantize_group(group, [targets[n] for n in group], hessians)
         state.solved.update(names)
 
-    def quantize_module(self, name: str, module: nn.Linear, hessians: SharedInputHessians | None) -> None:
-        result, stats, dequantized = self.solve_module(name, module.weight.data, hessians)
-        self.install(name, module, result, stats, dequantized)
+    def quantize_group(self, names: list[str], modules: list[nn.Linear], hessians: SharedInputHessians | None) -> None:
+        """Quantize and install modules that share one input (or a single module)."""
+        solved = self.solve_modules(names, [m.weight.data for m in modules], hessians)
+        for name, module, (result, stats, dequantized) in zip(names, modules, solved):
+            self.install(name, module, result, stats, dequantized)
 
-    def solve_module(self, name: str, weight: torch.Tensor, hessians: SharedInputHessians | None
-                     ) -> tuple[QuantizedWeight, dict, torch.Tensor | None]:
-        """Quantize one module's `weight` (GPTQ on its shared-input Hessian, or round-to-nearest):
-        its result, stats, and the dequantized weight (GPTQ only; None for round-to-nearest)."""
+    def solve_modules(self, names: list[str], weights: list[torch.Tensor], hessians: SharedInputHessians | None
+                      ) -> list[tuple[QuantizedWeight, dict, torch.Tensor | None]]:
+        """Quantize the `weights` of modules `names` that share one input (q/k/v, gate/up, or a
+        single module; GPTQ on their shared Hessian, or round-to-nearest): per module, its result,
+        stats, and the dequantized weight (GPTQ only; None for round-to-nearest).
+
+        GPTQ solves the modules as one matrix, their rows stacked: rows are independent given the
+        Hessian, so each module gets its own solve's result (bit for bit on the CPUs tested), but
+        the column-by-column loop, whose cost hardly depends on the rows, runs once per group
+        instead of once per module. Each module's `seconds` is its share (by rows) of the joint
+        solve plus its own report objectives."""
         start = time.perf_counter()
-        scheme = self.scheme_for_width(weight.shape[1])
-        scale_dtype = weight.dtype
-        dequantized = None
+        scheme = self.scheme_for_width(weights[0].shape[1])
         if hessians is None:
-            result = rtn_quantize(weight, scheme, scale_dtype)
-            stats = {}
-        else:
-            h, prepared = self._prepared_hessian(name, hessians, scheme)
-            result = gptq_solve(
-                weight, prepared, scheme, block_size=self.settings.block_size, scale_dtype=scale_dtype, name=name,
-            )
+            solved = []
+            for weight in weights:
+                began = time.perf_counter()
+                result = rtn_quantize(weight, scheme, weight.dtype)
+                solved.append((result, self._module_stats(result, scheme, {}, time.perf_counter() - began), None))
+            return solved
+        if len({w.dtype for w in weights}) > 1:  # scales are rounded to the weight's dtype: one each
+            return [s for n, w in zip(names, weights) for s in self.solve_modules([n], [w], hessians)]
+        h, prepared = self._prepared_hessian(names, hessians, scheme)
+        rows = [w.shape[0] for w in weights]
+        joint = gptq_solve(
+            weights[0] if len(weights) == 1 else torch.cat(weights), prepared, scheme,
+            block_size=self.settings.block_size, scale_dtype=weights[0].dtype, name=", ".join(names),
+        )
+        results = joint.split_rows(rows) if len(weights) > 1 else [joint]
+        shared_s = time.perf_counter() - start
+        tokens = hessians.accumulators[hessians.leader[names[0]]].tokens
+        solved = []
+        for weight, result, n_rows in zip(weights, results, rows):
+            began = time.perf_counter()
             dequantized = result.dequantize().to(weight.device)  # reused for the new weight
-            rtn = rtn_quantize(weight, scheme, scale_dtype).dequantize().to(weight.device)
+            rtn = rtn_quantize(weight, scheme, weight.dtype).dequantize().to(weight.device)
             loss, rtn_loss = layer_objectives(weight, [dequantized, rtn], h)
-            stats = {
-                "loss": loss,
-                "rtn_loss": rtn_loss,
-                "tokens": hessians.accumulators[hessians.leader[name]].tokens,
-            }
-        return result, {
+            seconds = time.perf_counter() - began + shared_s * n_rows / sum(rows)
+            stats = {"loss": loss, "rtn_loss": rtn_loss, "tokens": tokens}
+            solved.append((result, self._module_stats(result, scheme, stats, seconds), dequantized))
+        return solved
+
+    @staticmethod
+    def _module_stats(result: QuantizedWeight, scheme: QuantScheme, stats: dict, seconds: float) -> dict:
+        return {
             **stats,
             "method": result.info.get("method"),
             "damp": result.info.get("damp"),
             "group_size": scheme.group_size,
-            "seconds": round(time.perf_counter() - start, 4),
-        }, dequantized
+            "seconds": round(seconds, 4),
+        }
 
-    def _prepared_hessian(self, name: str, hessians: SharedInputHessians,
+    def _prepared_hessian(self, names: list[str], hessians: SharedInputHessians,
                           scheme: QuantScheme) -> tuple[torch.Tensor, PreparedHessian]:
-        """`name`'s mean Hessian and its `prepare_hessian`, computed once per shared-input group
-        (q/k/v, gate/up: the factorization is most of a small module's solve) by whichever member
-        asks first — solves of one layer may run in threads — and dropped once every member of the
+        """The mean Hessian of modules `names` (members of one shared-input group) and its
+        `prepare_hessian`, computed once per group (q/k/v, gate/up: the factorization is most of
+        a small module's solve) by whichever caller asks first — a group may be solved in parts
+        (a gated first layer solves q, then k; row slices) — and dropped once every member of the
         group has fetched it. Members share their input width, hence their scheme."""
-        leader = hessians.leader[name]
+        leader = hessians.leader[names[0]]
         with self._prepared_lock:
             if self._prepared_for is None or self._prepared_for() is not hessians:
                 # A new layer (or Hessians object): nothing prepared before can apply.
@@ -347,11 +370,11 @@ class GPTQCallback(Callback):
                 entry = self._prepared[leader] = _SharedPreparation(waiting=members)
         with entry.lock:
             if entry.value is None:
-                h = hessians.hessian(name)
+                h = hessians.hessian(names[0])
                 entry.value = (h, prepare_hessian(h, scheme.actorder, damp=self.settings.damp))
             value = entry.value
         with self._prepared_lock:
-            entry.waiting.discard(name)
+            entry.waiting.difference_update(names)
             if not entry.waiting and self._prepared.get(leader) is entry:
                 del self._prepared[leader]
         return value

@@ -556,8 +556,7 @@ class DistributedGPTQCallback(GPTQCallback):
 
     def _solve_group(self, state: "_DistributedLayerState", names: list[str]) -> float:
         start = time.perf_counter()
-        for name in names:
-            self.quantize_module(name, state.targets[name], state.hessians)
+        self.quantize_group(names, [state.targets[n] for n in names], state.hessians)
         return time.perf_counter() - start
 
     def new_layer_state(self, index, targets):
@@ -711,14 +710,14 @@ class DistributedGPTQCallback(GPTQCallback):
         names = [n for g in groups for n in g]
         slices = {n: split_rows(state.targets[n].out_features, self.world_size) for n in names}
         solved, seconds = {}, {}
-        for name in names:
-            mine = slices[name][self.rank]
-            if len(mine):
-                start = time.perf_counter()
-                weight = state.targets[name].weight.data[mine.start : mine.stop]
-                solved[name] = self.solve_module(name, weight, hessians)[:2]
-                seconds[name] = time.perf_counter() - start
-        phases["solve"] = sum(seconds.values())
+        start = time.perf_counter()
+        for group in groups:  # this rank's slices of a group's modules, solved stacked
+            mine = [n for n in group if len(slices[n][self.rank])]
+            weights = [state.targets[n].weight.data[slices[n][self.rank].start : slices[n][self.rank].stop] for n in mine]
+            for name, (result, stats, _) in zip(mine, self.solve_modules(mine, weights, hessians) if mine else []):
+                solved[name] = (result, stats)
+                seconds[name] = stats["seconds"]
+        phases["solve"] = time.perf_counter() - start
         parts, broadcasts = {}, []
         for name in names:
             module = state.targets[name]
@@ -830,12 +829,10 @@ class DistributedGPTQCallback(GPTQCallback):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         start = time.perf_counter()
-        results = {}
         with torch.no_grad():
-            for name in names:
-                weight = state.targets[name].weight.data.to(self.device)
-                result, stats, _ = self.solve_module(name, weight, state.hessians)
-                results[name] = (result, stats)
+            weights = [state.targets[n].weight.data.to(self.device) for n in names]
+            results = {n: (result, stats) for n, (result, stats, _) in
+                       zip(names, self.solve_modules(names, weights, state.hessians))}
         state.hessians.accumulators.pop(state.hessians.leader[names[0]], None)  # solved: free it
         if self.device.type == "cuda":  # the results are read by the lag worker's broadcasts
             torch.cuda.current_stream(self.device).synchronize()

@@ -358,14 +358,14 @@ def recording_save(*args, **kwargs):
 
 fabricq.export.save_compressed_checkpoint = recording_save
 fail_rank = os.environ.get("PROBE_FAIL_RANK")
-solve = fabricq.distributed.DistributedGPTQCallback.solve_module
+solve = fabricq.distributed.DistributedGPTQCallback.solve_modules
 
-def failing_solve(self, name, weight, hessians):
-    if str(self.rank) == fail_rank and "layers.1." in name:
+def failing_solve(self, names, weights, hessians):
+    if str(self.rank) == fail_rank and any("layers.1." in name for name in names):
         raise RuntimeError("injected failure")
-    return solve(self, name, weight, hessians)
+    return solve(self, names, weights, hessians)
 
-fabricq.distributed.DistributedGPTQCallback.solve_module = failing_solve
+fabricq.distributed.DistributedGPTQCallback.solve_modules = failing_solve
 main()
 """
 

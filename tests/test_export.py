@@ -456,7 +456,7 @@ def test_gptq_callback_holds_packed_codes_below_8_bits():
     for bits, kind in ((4, PackedQuantizedWeight), (8, QuantizedWeight)):
         callback = GPTQCallback(GPTQSettings(method="rtn", scheme=QuantScheme(bits, 32, True, "none")))
         module = torch.nn.Linear(64, 16, bias=False)
-        callback.quantize_module("m", module, None)
+        callback.quantize_group(["m"], [module], None)
         held = callback.quantized["m"]
         assert isinstance(held, kind)
         assert torch.equal(module.weight.data, held.dequantize())

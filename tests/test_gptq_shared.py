@@ -99,14 +99,20 @@ def test_layer_solve_prepares_each_group_once_and_matches_per_module_solves(solv
     assert hessians.groups() == [["q", "k", "v"], ["o"]]
     settings = GPTQSettings(scheme=QuantScheme(4, 32, False, "static"), block_size=32, solve_threads=solve_threads)
 
-    calls = []
-    real_prepare = callbacks.prepare_hessian
+    calls, solves = [], []
+    real_prepare, real_solve = callbacks.prepare_hessian, callbacks.gptq_solve
     monkeypatch.setattr(callbacks, "prepare_hessian", lambda h, *a, **k: calls.append(h.shape) or real_prepare(h, *a, **k))
+    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
     callback = GPTQCallback(settings)
     callback._layers[0] = LayerState(0, modules, hessians)
     callback.on_layer_end(None, 0, None)
     assert sorted(calls) == [(64, 64), (COLS, COLS)]  # once per shared-input group
+    assert sorted(solves) == [(COLS, 64), (64 + 32 + 32, COLS)]  # q, k, v solved stacked, in one column loop
     assert callback._prepared == {}  # freed once every member had it
+    # Each module's result owns its tensors (a checkpoint writer refuses shared memory).
+    q, k = callback.quantized["q"], callback.quantized["k"]
+    for part in ("packed_codes", "scale", "zero", "g_idx"):
+        assert getattr(q, part).untyped_storage().data_ptr() != getattr(k, part).untyped_storage().data_ptr(), part
 
     for name, module in modules.items():
         # main's per-module path: its own preparation, its own statistics

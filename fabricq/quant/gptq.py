@@ -48,6 +48,13 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def split_rows(self, rows: list[int]) -> list["QuantizedWeight"]:
+        """The results of modules solved stacked (`rows` each, in order), each with tensors of its
+        own: a checkpoint writer refuses tensors that share memory."""
+        parts = zip(self.codes.split(rows), self.scale.split(rows), self.zero.split(rows))
+        return [QuantizedWeight(c.clone(), s.clone(), z.clone(), self.g_idx.clone(), self.scheme, dict(self.info))
+                for c, s, z in parts]
+
     def packed(self) -> "PackedQuantizedWeight":
         return PackedQuantizedWeight(pack_int32(self.codes, self.scheme.bits), self.codes.shape[1], self.scale,
                                      self.zero, self.g_idx, self.scheme, self.info)
