@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from fabricq.quant.gptq import gptq_quantize, layer_objective, rtn_quantize
+from fabricq.quant.gptq import gptq_quantize, inverse_hessian_factor, layer_objective, rtn_quantize
 from fabricq.quant.grid import QuantScheme
 from reference_gptq import minmax_params, reference_gptq
 
@@ -293,6 +293,20 @@ def test_not_positive_definite_falls_back_to_rtn(kind, actorder):
     rtn = rtn_quantize(weight.masked_fill(dead, 0.0), scheme)
     assert torch.equal(got.codes, rtn.codes)
     assert torch.equal(got.scale, rtn.scale) and torch.equal(got.zero, rtn.zero)
+
+
+@pytest.mark.parametrize("cols", [7, 128, 129, 300, 1000])
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_damped_inverse(cols):
+    # Against the textbook route in float64: invert the damped Hessian, take its upper Cholesky
+    # factor. Sizes cover the triangular inverse's direct case, one split, odd halves, recursion.
+    x = torch.randn(3 * cols, cols, generator=torch.Generator().manual_seed(cols)) * (torch.rand(cols) + 0.1)
+    hessian = x.T @ x / x.shape[0]
+    got = inverse_hessian_factor(hessian, 0.01)
+    h64 = hessian.double()
+    h64.diagonal().add_(0.01 * h64.diagonal().mean())
+    want = torch.linalg.cholesky(torch.linalg.inv(h64), upper=True)
+    assert torch.equal(got, got.triu()) and (got.diagonal() > 0).all()
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
 
 
 def test_max_damp_is_the_limit():

@@ -138,21 +138,44 @@ def rtn_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype=torch.fl
     return QuantizedWeight(codes.to(torch.int8), scale, zero, g_idx, scheme, {"method": "rtn"})
 
 
+def _lower_triangular_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix, by halves: [[A, 0], [B, C]]⁻¹ is
+    [[A⁻¹, 0], [-C⁻¹·B·A⁻¹, C⁻¹]]. The off-diagonal block is two matrix products, which run
+    near the machine's peak; a triangular solve against the identity does three times the
+    arithmetic at a lower rate (1536 columns, one thread: 33 ms here against 108 ms)."""
+    n = lower.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
+    m = n // 2
+    a_inv = _lower_triangular_inverse(lower[:m, :m], base)
+    c_inv = _lower_triangular_inverse(lower[m:, m:], base)
+    out = torch.zeros_like(lower)
+    out[:m, :m] = a_inv
+    out[m:, m:] = c_inv
+    out[m:, :m] = -(c_inv @ (lower[m:, :m] @ a_inv))
+    return out
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)^-1, λ = damp · mean(diag H).
 
     Row i of U, scaled by 1/U[i, i], is how quantizing column i should update the columns after
     it (the GPTQ update rule expressed through Cholesky, which is numerically stable).
+
+    With J the order reversal and L the lower Cholesky factor of J(H + λI)J, U = J·L⁻¹·J:
+    it is upper triangular with a positive diagonal and UᵀU = J·L⁻ᵀ·L⁻¹·J = (J·L·Lᵀ·J)⁻¹ =
+    (H + λI)⁻¹, so it is that factor — found with one Cholesky and one triangular inverse instead
+    of a Cholesky, an inverse from it and a second Cholesky (1536 columns: 64 ms against 112 ms,
+    and closer to a float64 computation).
     """
-    h = hessian.clone()
+    h = hessian.flip(0, 1)  # a copy
     h.diagonal().add_(damp * h.diagonal().mean())
     lower, info = torch.linalg.cholesky_ex(h)
     if info.item() != 0:
         raise HessianNotPositiveDefinite(f"Cholesky of the damped Hessian failed (damp={damp})")
-    inverse = torch.cholesky_inverse(lower)
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if info.item() != 0 or not torch.isfinite(upper).all():
-        raise HessianNotPositiveDefinite(f"Cholesky of the inverse Hessian failed (damp={damp})")
+    upper = _lower_triangular_inverse(lower).flip(0, 1)
+    if not torch.isfinite(upper).all():
+        raise HessianNotPositiveDefinite(f"the inverse of the damped Hessian's Cholesky factor is not finite (damp={damp})")
     return upper
 
 
