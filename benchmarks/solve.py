@@ -7,8 +7,11 @@ thread: "before" runs the baseline commit's code (its `fabricq/quant/gptq.py` an
 read with `git show`) exactly as its callback did per module — `gptq_quantize`, the dequantized
 result, a round-to-nearest baseline and both objectives for the report — and "after" runs this
 checkout's `quantize_group` over the same modules, group by group (shared-input groups
-prepared once and solved stacked). Checks that both give bit-identical codes, scales, zeros, g_idx and objectives,
-prints per-module medians and the ratio, and writes benchmarks/results/solve-<time>.json.
+prepared once and solved stacked). Reports whether both give bit-identical codes, scales, zeros,
+g_idx and objectives, else the share of equal codes and the ratio of the GPTQ objectives (a
+baseline with other rounding, e.g. before the flipped-Cholesky factorisation, flips a few codes;
+fails below 99.9% equal codes or 0.1% worse objectives), prints the medians and the ratio, and
+writes benchmarks/results/solve-<time>.json.
 
     python benchmarks/solve.py                                   # 2 layers, 5 repeats
     python benchmarks/solve.py --layers 4 --repeats 7 --baseline-ref 0a5b5cb
@@ -118,6 +121,14 @@ def same(a, b) -> bool:
     return parts and la == lb and ra == rb
 
 
+def agreement(before: dict, after: dict) -> tuple[int, int, float, float]:
+    """Equal codes and total GPTQ objective of both variants over the modules of one layer (for a
+    baseline whose arithmetic differs, e.g. in the Hessian factorisation's rounding)."""
+    equal = sum(int((after[n][0].codes == before[n][0].codes).sum()) for n in before)
+    total = sum(before[n][0].codes.numel() for n in before)
+    return equal, total, sum(after[n][1] for n in before), sum(before[n][1] for n in before)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2, help="first decoder layers to calibrate and solve")
@@ -142,6 +153,8 @@ def main() -> None:
                for weights, _ in captured]
     times = {"before": [], "after": []}
     identical = True
+    codes_equal = codes_total = 0
+    loss = {"before": 0.0, "after": 0.0}
     for r in range(args.repeats + 1):  # repeat 0 warms up and is not counted
         order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
         results = {}
@@ -163,6 +176,11 @@ def main() -> None:
         for layer in range(len(captured)):
             before, after = results["before", layer], results["after", layer]
             identical &= before.keys() == after.keys() and all(same(after[n], before[n]) for n in before)
+            if r == 0:
+                equal, total, loss_after, loss_before = agreement(before, after)
+                codes_equal, codes_total = codes_equal + equal, codes_total + total
+                loss["before"] += loss_before
+                loss["after"] += loss_after
         if r:
             print(f"repeat {r}: " + "  ".join(f"{v} {times[v][-1]:.3f} s" for v in order), flush=True)
 
@@ -174,6 +192,9 @@ def main() -> None:
     for v in times:
         print(f"| {v} | {med[v]:.3f} | {', '.join(f'{t:.3f}' for t in times[v])} |")
     print(f"\nafter/before = {ratio:.3f} (speed-up {1 / ratio:.2f}x); bit-identical results: {identical}")
+    objective_ratio = loss["after"] / loss["before"]
+    print(f"codes equal: {codes_equal / codes_total:.4%}; GPTQ objective after/before (sum over modules): "
+          f"{objective_ratio:.6f}")
 
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,10 +203,13 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "times_s": times, "median_s": med,
         "after_over_before": ratio, "bit_identical": identical,
+        "codes_equal_fraction": codes_equal / codes_total, "objective_after_over_before": objective_ratio,
     }, indent=2))
     print(f"wrote {out}")
-    if not identical:
-        raise SystemExit("results differ from the baseline")
+    # Different rounding (a baseline with another factorisation) may flip a few codes; a worse
+    # solve may not pass.
+    if not identical and (codes_equal / codes_total < 0.999 or objective_ratio > 1.001):
+        raise SystemExit("results differ from the baseline beyond rounding")
 
 
 if __name__ == "__main__":
