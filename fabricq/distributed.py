@@ -394,6 +394,20 @@ def split_rows(rows: int, parts: int, align: int = ROW_ALIGN) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def split_stacked_rows(rows: list[int], parts: int, align: int = ROW_ALIGN) -> list[list[range]]:
+    """`split_rows` of modules whose rows are stacked (a shared-input group, solved as one
+    matrix): per module, each part's range of that module's own rows (maybe empty), so that the
+    parts are even over the whole stack, not module by module (q/k/v with 576/192/192 rows on 2
+    parts: 448 and 512 rows, where per module it would be 256+64+64 and 320+128+128)."""
+    out, first = [], 0
+    stack = split_rows(sum(rows), parts, align)
+    for n in rows:
+        end = first + n
+        out.append([range(min(max(r.start, first), end) - first, min(max(r.stop, first), end) - first) for r in stack])
+        first = end
+    return out
+
+
 def makespan(costs: list[float], owners: list[int], world_size: int) -> float:
     loads = [0.0] * world_size
     for c, r in zip(costs, owners):
@@ -675,40 +689,47 @@ class DistributedGPTQCallback(GPTQCallback):
 
     def _solve_row_slices(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
         """Every rank gets each group's summed Hessian (all-reduced, once per layer) and solves a
-        slice of every module's rows (`split_rows`): rows are independent given the Hessian, so
-        only the factorisation is repeated on each rank. The slices are broadcast and joined;
+        slice of the group's rows — its modules' rows stacked, as one rank solves them, split
+        evenly (`split_rows`): rows are independent given the Hessian, so only the factorisation
+        and the per-column loop are repeated on each rank. The slices are broadcast and joined;
         each module's objectives are the sums of its slices'."""
         dist = torch.distributed
         hessians = state.hessians
         tick = time.perf_counter()
-        leaders = list(dict.fromkeys(hessians.leader[g[0]] for g in groups))
+        leaders = [leader for leader in dict.fromkeys(hessians.leader[g[0]] for g in groups)
+                   if state.sum_holder.get(leader) != ALL_RANKS]  # those every rank holds need nothing
+        # Token totals first, in one blocking collective: it waits for the slowest rank to reach
+        # this step ("arrival": calibration imbalance, not part of the solve step). A rank holding
+        # a total already (it solved another member of the group) gives it, the others nothing.
+        holders = [state.sum_holder.get(leader) for leader in leaders]
+        tokens = torch.tensor([hessians.accumulators[leader].tokens if holder in (None, self.rank) else 0
+                               for leader, holder in zip(leaders, holders)], dtype=torch.int64, device=self.device)
+        if leaders:
+            dist.all_reduce(tokens)
+        phases = {"arrival": time.perf_counter() - tick}
         works = []
-        for leader in leaders:
-            holder = state.sum_holder.get(leader)
-            if holder == ALL_RANKS:
-                continue
+        for i, (leader, holder) in enumerate(zip(leaders, holders)):
             acc = hessians.accumulators[leader]
-            tokens = torch.tensor([acc.tokens], dtype=torch.int64, device=self.device)
+            acc.tokens = int(tokens[i])
             payload = _reduction_payload(acc, self.upper_triangle)
             if holder is None:  # partial sums everywhere: every rank needs the total
-                works.append((leader, dist.all_reduce(payload, async_op=True), payload, tokens,
-                              dist.all_reduce(tokens, async_op=True)))
+                works.append((leader, dist.all_reduce(payload, async_op=True), payload))
             else:  # one rank holds the total already (solved another member before): it sends it
-                works.append((leader, dist.broadcast(payload, src=holder, async_op=True), payload, tokens,
-                              dist.broadcast(tokens, src=holder, async_op=True)))
+                works.append((leader, dist.broadcast(payload, src=holder, async_op=True), payload))
             self.bytes["hessian_reduce"] += payload.numel() * payload.element_size()
             state.sum_holder[leader] = ALL_RANKS
-        for leader, work, payload, tokens, tokens_work in works:
-            work.wait()  # the first one also waits for the slowest rank's forwards
-            tokens_work.wait()
-            acc = hessians.accumulators[leader]
+        for leader, work, payload in works:
+            work.wait()
             if self.upper_triangle:
+                acc = hessians.accumulators[leader]
                 acc.sum = unpack_upper(payload, acc.raw.shape[0])
-            acc.tokens = int(tokens)
-        phases = {"reduce": time.perf_counter() - tick}
+        phases["reduce"] = time.perf_counter() - tick - phases["arrival"]
 
         names = [n for g in groups for n in g]
-        slices = {n: split_rows(state.targets[n].out_features, self.world_size) for n in names}
+        slices = {}  # module → its rows each rank solves (ranges within the module, maybe empty)
+        for group in groups:
+            per_module = split_stacked_rows([state.targets[n].out_features for n in group], self.world_size)
+            slices.update(zip(group, per_module))
         solved, seconds = {}, {}
         start = time.perf_counter()
         for group in groups:  # this rank's slices of a group's modules, solved stacked

@@ -33,6 +33,7 @@ from fabricq.distributed import (
     solve_cost,
     solve_window_of,
     split_rows,
+    split_stacked_rows,
     unpack_upper,
     validate_trainer,
 )
@@ -115,6 +116,20 @@ def test_row_slices_cover_every_row_once_on_aligned_starts(rows, parts):
     assert all(s.start % 64 == 0 for s in slices if len(s))
     sizes = [len(s) for s in slices]
     assert max(sizes) - min(sizes) <= 64 * (1 + (rows < 64 * parts))
+
+
+@pytest.mark.parametrize("rows, parts", [([576, 192, 192], 2), ([1536, 1536], 3), ([100, 37], 2), ([64], 4)])
+def test_stacked_row_slices_are_even_over_the_stack_and_cover_each_module_once(rows, parts):
+    per_module = split_stacked_rows(rows, parts)
+    assert len(per_module) == len(rows)
+    for n, slices in zip(rows, per_module):
+        assert len(slices) == parts and [r for s in slices for r in s] == list(range(n))
+    # Each part's rows, in stacked coordinates, are what split_rows gives for the whole stack.
+    offsets = [sum(rows[:i]) for i in range(len(rows))]
+    stacked = [[o + r for o, slices in zip(offsets, per_module) for r in slices[k]] for k in range(parts)]
+    assert stacked == [list(s) for s in split_rows(sum(rows), parts)]
+    if rows == [576, 192, 192]:
+        assert [len(s) for s in stacked] == [448, 512]  # per module it would be 384 and 576
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -309,7 +324,7 @@ def test_multirun_with_several_ranks_makes_one_complete_directory_per_job(multir
             assert {g["owner"] for g in layer["groups"]} <= set(range(world))
             # Where rank 0's time in the layer's solve steps went (row slices: true-sequential gates).
             phases = layer["phases_s"]
-            assert set(phases) == {"reduce", "solve", "results", "metadata", "install"}
+            assert set(phases) == {"arrival", "reduce", "solve", "results", "metadata", "install"}
             assert min(phases.values()) >= 0 and sum(phases.values()) <= layer["wall_s"] + 1e-3
         assert report["distributed"]["bytes_sent"]["hessian_reduce"] > 0
         steps = sum(layer["wall_s"] for layer in report["distributed"]["layers"])
