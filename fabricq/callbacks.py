@@ -117,6 +117,13 @@ class SharedInputHessians:
             handle.remove()
 
 
+# A stacked solve holds a few (rows, columns) float32 buffers of the whole stack at once (the
+# weights, per-column scales and zeros, codes): groups whose weights exceed this many elements
+# (256 MiB in float32; e.g. gate/up of an 8B model) are solved in consecutive batches of modules —
+# at such row counts the per-column loop that stacking saves is small next to the rows' work.
+STACKED_SOLVE_ELEMENTS = 1 << 26
+
+
 @dataclass
 class GPTQSettings:
     method: str = "gptq"  # "gptq" or "rtn"
@@ -322,6 +329,17 @@ class GPTQCallback(Callback):
             return solved
         if len({w.dtype for w in weights}) > 1:  # scales are rounded to the weight's dtype: one each
             return [s for n, w in zip(names, weights) for s in self.solve_modules([n], [w], hessians)]
+        if len(weights) > 1 and sum(w.numel() for w in weights) > STACKED_SOLVE_ELEMENTS:
+            # Consecutive batches under the limit (a module larger than it alone).
+            batches, size = [[]], 0
+            for i, w in enumerate(weights):
+                if batches[-1] and size + w.numel() > STACKED_SOLVE_ELEMENTS:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(i)
+                size += w.numel()
+            return [s for batch in batches
+                    for s in self.solve_modules([names[i] for i in batch], [weights[i] for i in batch], hessians)]
         h, prepared = self._prepared_hessian(names, hessians, scheme)
         rows = [w.shape[0] for w in weights]
         joint = gptq_solve(

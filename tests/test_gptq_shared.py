@@ -125,3 +125,22 @@ def test_layer_solve_prepares_each_group_once_and_matches_per_module_solves(solv
         loss, rtn_loss = layer_objectives(originals[name], [alone.dequantize(), rtn], h)
         assert callback.stats[name]["loss"] == loss and callback.stats[name]["rtn_loss"] == rtn_loss
         assert callback.stats[name]["tokens"] == 3 * 128
+
+
+def test_groups_over_the_stacking_limit_are_solved_in_batches_with_the_same_results(monkeypatch):
+    modules, batches = _layer(4)
+    originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+    hessians = _calibrate(modules, batches)
+    settings = GPTQSettings(scheme=QuantScheme(4, 32, True, "static"), block_size=32)
+    solves = []
+    real_solve = callbacks.gptq_solve
+    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
+    monkeypatch.setattr(callbacks, "STACKED_SOLVE_ELEMENTS", (64 + 32) * COLS)  # q and k fit, v does not
+    callback = GPTQCallback(settings)
+    callback._layers[0] = LayerState(0, modules, hessians)
+    callback.on_layer_end(None, 0, None)
+    assert solves == [(64 + 32, COLS), (32, COLS), (COLS, 64)]
+    for name in ("q", "k", "v"):
+        alone = gptq_quantize(originals[name], hessians.hessian(name), callback.scheme_for(modules[name]),
+                              block_size=32, damp=settings.damp, name=name)
+        assert_same(callback.quantized[name], alone)
