@@ -132,7 +132,7 @@ class GPTQSettings:
     block_size: int = 128
     hessian_dtype: torch.dtype = torch.float32
     ignore: tuple[str, ...] = ()  # regexes of module names left unquantized
-    solve_threads: int = 1  # modules of a layer solved concurrently (results do not depend on it)
+    solve_threads: int = 1  # shared-input groups of a layer solved concurrently (results do not depend on it)
     # Quantize each shared-input group of a layer (q/k/v, o, gate/up, down) before the next one
     # is calibrated, in one gated forward per layer (see fabricq.calibration); False: calibrate
     # every module of a layer on the unquantized layer, then forward it again.
