@@ -690,7 +690,7 @@ class DistributedGPTQCallback(GPTQCallback):
     def _solve_row_slices(self, state: "_DistributedLayerState", groups: list[list[str]]) -> None:
         """Every rank gets each group's summed Hessian (all-reduced, once per layer) and solves a
         slice of the group's rows — its modules' rows stacked, as one rank solves them, split
-        evenly (`split_rows`): rows are independent given the Hessian, so only the factorisation
+        evenly (`split_stacked_rows`): rows are independent given the Hessian, so only the factorisation
         and the per-column loop are repeated on each rank. The slices are broadcast and joined;
         each module's objectives are the sums of its slices'."""
         dist = torch.distributed
