@@ -327,17 +327,16 @@ class GPTQCallback(Callback):
                 result = rtn_quantize(weight, scheme, weight.dtype)
                 solved.append((result, self._module_stats(result, scheme, {}, time.perf_counter() - began), None))
             return solved
-        if len({w.dtype for w in weights}) > 1:  # scales are rounded to the weight's dtype: one each
-            return [s for n, w in zip(names, weights) for s in self.solve_modules([n], [w], hessians)]
-        if len(weights) > 1 and sum(w.numel() for w in weights) > STACKED_SOLVE_ELEMENTS:
-            # Consecutive batches under the limit (a module larger than it alone).
-            batches, size = [[]], 0
-            for i, w in enumerate(weights):
-                if batches[-1] and size + w.numel() > STACKED_SOLVE_ELEMENTS:
-                    batches.append([])
-                    size = 0
-                batches[-1].append(i)
-                size += w.numel()
+        # Consecutive modules are stacked while they share a dtype (scales are rounded to it) and
+        # stay under STACKED_SOLVE_ELEMENTS together (a larger module goes alone).
+        batches, size = [[]], 0
+        for i, w in enumerate(weights):
+            if batches[-1] and (w.dtype != weights[i - 1].dtype or size + w.numel() > STACKED_SOLVE_ELEMENTS):
+                batches.append([])
+                size = 0
+            batches[-1].append(i)
+            size += w.numel()
+        if len(batches) > 1:
             return [s for batch in batches
                     for s in self.solve_modules([names[i] for i in batch], [weights[i] for i in batch], hessians)]
         h, prepared = self._prepared_hessian(names, hessians, scheme)

@@ -144,3 +144,19 @@ def test_groups_over_the_stacking_limit_are_solved_in_batches_with_the_same_resu
         alone = gptq_quantize(originals[name], hessians.hessian(name), callback.scheme_for(modules[name]),
                               block_size=32, damp=settings.damp, name=name)
         assert_same(callback.quantized[name], alone)
+
+
+def test_modules_of_another_dtype_are_not_stacked_with_the_others(monkeypatch):
+    modules, batches = _layer(5)
+    hessians = _calibrate(modules, batches)
+    solves = []
+    real_solve = callbacks.gptq_solve
+    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append((tuple(w.shape), w.dtype)) or real_solve(w, *a, **k))
+    callback = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 32, True, "static"), block_size=32))
+    weights = [modules["q"].weight.data, modules["k"].weight.data.double(), modules["v"].weight.data.double()]
+    solved = callback.solve_modules(["q", "k", "v"], weights, hessians)
+    assert solves == [((64, COLS), torch.float32), ((64, COLS), torch.float64)]  # q alone; k and v stacked
+    for name, weight, (result, _, _) in zip(["q", "k", "v"], weights, solved):
+        alone = gptq_quantize(weight, hessians.hessian(name), callback.scheme_for(modules[name]), block_size=32,
+                              damp=callback.settings.damp, scale_dtype=weight.dtype, name=name)
+        assert_same(result, alone)
