@@ -1,6 +1,6 @@
 """Simulate how GPTQ solves are spread over ranks, on the real layer shapes of Llama-3-8B and -70B.
 
-Cost of a solve (the model in `fabricq.distributed.solve_cost`): factorising a cols×cols Hessian
+Cost of a solve (the model in `fabricq.parallel.plan.solve_cost`): factorising a cols×cols Hessian
 costs cols³, solving a module's rows costs rows·cols². With strict error propagation every
 decoder layer is a barrier, so a run's time is the sum over layers of each layer's makespan
 (the busiest rank), and the ideal is total cost / ranks. Printed: makespan / ideal for
@@ -8,13 +8,13 @@ decoder layer is a barrier, so a run's time is the sum over layers of each layer
 - peer: llm-compressor's DDP GPTQ — one Hessian per module (q, k, v... each factorised
   separately), modules of a layer dealt greedily to the rank with the fewest columns so far;
 - fabricq: shared-input groups (q/k/v, o, gate/up, down: one factorisation each), assigned by
-  `fabricq.distributed.assign_to_ranks` on the cost model (exact per layer);
+  `fabricq.parallel.plan.assign_to_ranks` on the cost model (exact per layer);
 - bound: the best any per-layer plan can do while each factorisation stays on one rank:
   max(ideal, largest group's cols³ + its rows·cols² spread over every rank). It shows what
   limits all such plans: down_proj's cols³ alone exceeds the per-layer ideal at a few ranks;
 - fabricq, lag=1, window D=ranks: with `pipeline.lag=1` no layer's calibration needs an earlier
   layer's quantized weights, so solves may trail calibration by up to D layers (the solve window,
-  `trainer.solve_window`). Each layer is planned by `fabricq.distributed.assign_with_backlog`
+  `trainer.solve_window`). Each layer is planned by `fabricq.parallel.plan.assign_with_backlog`
   (every rank's planned work carried over the layers before) and the barrier is only "layer
   k-D's results are broadcast at step k". `windowed_makespan` is the event model of that timing
   (calibration taking no time: solve-bound, the worst case for the barrier). A second table
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fabricq
 
-from fabricq.distributed import SolveTask, assign_to_ranks, assign_with_backlog, makespan, solve_cost
+from fabricq.parallel.plan import SolveTask, assign_to_ranks, assign_with_backlog, makespan, solve_cost
 
 MODELS = {
     # name: hidden, intermediate, q heads, kv heads, head dim, layers

@@ -157,7 +157,7 @@ def run_peer(args, python: Path, model_dir: Path, ids_path: Path, run_dir: Path,
 def fabricq_config(args):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(REPO / "fabricq" / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return compose("config", overrides=fabricq_overrides(args))
 
 

@@ -103,7 +103,7 @@ def _instrument(sampler: PhaseSampler) -> None:
     """Phase markers around the steps of `fabricq.app.run` (looked up by name, so older and newer
     checkouts work alike; a step a checkout lacks is simply not marked)."""
     import fabricq.app as app
-    import fabricq.calibration as calibration
+    import fabricq.calibration.loop as calibration
     import fabricq.export as export
 
     def around(module, name: str, phase: str, after: str) -> None:

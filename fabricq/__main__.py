@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from fabricq.memory import huge_pages_for_large_tensors
+from fabricq.sysmem import huge_pages_for_large_tensors
 
 huge_pages_for_large_tensors()  # before anything imports torch
 
@@ -17,10 +17,10 @@ from omegaconf import DictConfig  # noqa: E402
 from fabricq.errors import FabricqError  # noqa: E402
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
+@hydra.main(version_base=None, config_path="pkg://fabricq.conf", config_name="config")
 def _main(cfg: DictConfig) -> None:
     from fabricq.app import run
-    from fabricq.distributed import rank_label, run_multirun_job_in_subprocess
+    from fabricq.runtime import rank_label, run_multirun_job_in_subprocess
 
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else hydra_dir

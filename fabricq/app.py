@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fabricq import distributed
-from fabricq.activation_cache import cache_from_config, check_budgets
-from fabricq.callbacks import GPTQCallback, GPTQSettings, ProgressCallback, ReleaseFinishedWeights
-from fabricq.calibration import CalibrationLoop
+from fabricq import runtime
+from fabricq.calibration.cache import cache_from_config, check_budgets
+from fabricq.calibration.loop import CalibrationLoop
+from fabricq.callbacks.checkpoint import CheckpointCallback
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
+from fabricq.callbacks.progress import ProgressCallback
+from fabricq.callbacks.release import ReleaseFinishedWeights
 from fabricq.data import check_text_path, prepare_text
 from fabricq.errors import FabricqError
-from fabricq.memory import drop_mapped_pages, return_large_blocks_to_os
+from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
 from fabricq.models import (
     DTYPES,
     check_finite_weights,
@@ -36,10 +39,12 @@ from fabricq.models import (
     resolve_model_source,
 )
 from fabricq.quant.grid import ACTORDERS, SUPPORTED_BITS, QuantScheme
+from fabricq.evaluate import evaluate_sharded
+from fabricq.parallel.exchange import agreed_finished_layer, gather_totals
+from fabricq.parallel.plan import local_samples
+from fabricq.parallel.solvers import DistributedGPTQCallback
 from fabricq.resume import (
     RESUME_MODES,
-    agreed_finished_layer,
-    CheckpointCallback,
     WorkDirectory,
     config_identity,
     data_identity,
@@ -112,8 +117,8 @@ def validate_config(cfg: DictConfig) -> GPTQSettings:
             "pipeline.lag=1 calibrates each layer on the previous layer's unquantized outputs, which the "
             "one-forward true-sequential mode cannot do: set quant.true_sequential=false with pipeline.lag=1"
         )
-    distributed.validate_trainer(cfg.trainer, cfg.data)
-    distributed.solve_window_of(cfg.trainer, cfg.pipeline.lag)
+    runtime.validate_trainer(cfg.trainer, cfg.data)
+    runtime.solve_window_of(cfg.trainer, cfg.pipeline.lag)
     return GPTQSettings(
         method=q.method,
         scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
@@ -169,7 +174,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         raise FabricqError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context length {max_positions}")
 
     # Ranks: Fabric launches them (or torchrun/SLURM did); they agree on config and output_dir.
-    fabric, output_dir = distributed.launch(cfg, output_dir)
+    fabric, output_dir = runtime.launch(cfg, output_dir)
     world, rank = fabric.world_size, fabric.global_rank
     torch.manual_seed(cfg.seed)
 
@@ -206,7 +211,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(fabric.device)
-        before = distributed.evaluate_sharded(
+        before = evaluate_sharded(
             fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before"
         )
         model.to("cpu")
@@ -219,17 +224,17 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
 
     tick = time.perf_counter()
     if world > 1 and settings.method == "gptq":
-        gptq = distributed.DistributedGPTQCallback(
+        gptq = DistributedGPTQCallback(
             settings, rank=rank, world_size=world, device=fabric.device,
             upper_triangle=cfg.trainer.hessian_upper_triangle,
             use_measurements=cfg.trainer.balance == "measured",
-            solve_window=distributed.solve_window_of(cfg.trainer, cfg.pipeline.lag),
+            solve_window=runtime.solve_window_of(cfg.trainer, cfg.pipeline.lag),
         )
     else:
         gptq = GPTQCallback(settings)
     # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
     release = ReleaseFinishedWeights(gptq)  # dense copies of finished layers: not kept
-    samples = distributed.local_samples(text.calibration, cfg.data.batch_size, rank, world)
+    samples = local_samples(text.calibration, cfg.data.batch_size, rank, world)
     loop = CalibrationLoop(
         model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
         callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq), release],
@@ -257,7 +262,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         tick = time.perf_counter()
         release.restore(model)
         model.to(fabric.device)
-        after = distributed.evaluate_sharded(
+        after = evaluate_sharded(
             fabric, model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after"
         )
         model.to("cpu")
@@ -266,10 +271,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
         timings["eval_after_s"] = time.perf_counter() - tick
         log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
 
-    if isinstance(gptq, distributed.DistributedGPTQCallback):
-        report["distributed"] = {**gptq.report, **distributed.gather_totals(fabric, gptq)}
+    if isinstance(gptq, DistributedGPTQCallback):
+        report["distributed"] = {**gptq.report, **gather_totals(fabric, gptq)}
     if rank != 0:  # only rank 0 writes; the others wait for it at the final barrier
-        distributed.finish(fabric)
+        runtime.finish(fabric)
         return report
     tick = time.perf_counter()
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
@@ -297,6 +302,6 @@ def run(cfg: DictConfig, output_dir: Path) -> dict:
     (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     publish(staging, output_dir)
     work.remove()
-    distributed.finish(fabric)
+    runtime.finish(fabric)
     log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", output_dir, report["wall_s"], report["peak_rss_mib"])
     return report

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fabricq.errors import FabricqError
-from fabricq.memory import release_freed_memory
+from fabricq.sysmem import release_freed_memory
 
 TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

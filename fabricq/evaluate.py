@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fabricq.parallel.plan import shard_batches
+
 
 @torch.no_grad()
 def next_token_logprobs(model, window: torch.Tensor, device) -> torch.Tensor:
@@ -49,3 +51,38 @@ def evaluate(
     if reference is not None:
         result["kl"] = kl_sum / kl_tokens
     return result
+
+
+def evaluate_sharded(fabric, model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None,
+                     desc: str | None = None) -> dict:
+    """`fabricq.evaluate.evaluate` with the windows split over ranks (contiguous shards) and the
+    sums combined: the same perplexity and KL as one rank up to float rounding. The log-probs
+    kept for the KL stay on the rank that computed them (`reference` is that rank's list).
+    Only rank 0 shows the progress bar (`desc`)."""
+    from fabricq.evaluate import evaluate
+
+    progress = {"desc": desc} if desc else {}
+    if fabric.world_size == 1:
+        return evaluate(model, windows, device, keep=keep, reference=reference, **progress)
+    shard = shard_batches(len(windows), fabric.world_size)[fabric.global_rank]
+    local = windows[shard.start : shard.stop]
+    local_keep = max(0, min(keep, shard.stop) - shard.start)
+    totals = torch.zeros(4, dtype=torch.float64)
+    kept: list = []
+    if len(local):
+        result = evaluate(model, local, device, keep=local_keep, reference=reference or None,
+                          **(progress if fabric.global_rank == 0 else {}))
+        kept = result["logprobs"]
+        totals[0] = math.log(result["ppl"]) * result["tokens"]
+        totals[1] = result["tokens"]
+        if reference:
+            kl_tokens = sum(len(w) - 1 for w in local[: len(reference)])
+            totals[2] = result["kl"] * kl_tokens
+            totals[3] = kl_tokens
+    totals = totals.to(fabric.device)
+    torch.distributed.all_reduce(totals)
+    totals = totals.cpu()
+    out = {"ppl": math.exp(totals[0] / totals[1]), "tokens": int(totals[1]), "logprobs": kept}
+    if reference is not None:
+        out["kl"] = float(totals[2] / totals[3])
+    return out

@@ -33,8 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fabricq.activation_cache import ActivationCache, Stage
-from fabricq.calibration import Callback
+from fabricq.calibration.cache import ActivationCache, Stage
 from fabricq.errors import FabricqError
 from fabricq.models import ModelSource
 from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
@@ -317,40 +316,5 @@ def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantiz
     return out
 
 
-def agreed_finished_layer(finished: int | None, device) -> int | None:
-    """With several ranks: the last layer that every rank finished (a peer is at most one commit
-    step behind, and each rank keeps the markers and hidden states from the layer before its
-    latest step on: `WorkDirectory.release_older`)."""
-    value = torch.tensor([-1 if finished is None else finished], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    agreed = int(value.item())
-    return None if agreed < 0 else agreed
 
 
-class CheckpointCallback(Callback):
-    """After every complete layer, the next layer's inputs to the work directory; once a layer's
-    quantized results are final (at once, or up to a solve window later: `gptq.final_through`),
-    its results and commit marker (the results come from `gptq`, the GPTQCallback of the same
-    loop)."""
-
-    changes_layer_after_gates = False
-
-    def __init__(self, work: WorkDirectory, gptq):
-        self.work = work
-        self.gptq = gptq
-        self._batches: dict[int, int] = {}  # hidden states saved, commit pending: layer → batches
-        self._next_commit: int | None = None
-
-    def on_layer_complete(self, loop, index, next_inputs):
-        self._batches[index] = self.work.save_hidden(index, next_inputs)
-        if self._next_commit is None:  # the first layer this process calibrates
-            self._next_commit = index
-        first = self._next_commit
-        while self._next_commit <= self.gptq.final_through(index):
-            k = self._next_commit
-            prefix = loop.layer_name(k) + "."
-            results = {n: (qw, self.gptq.stats[n]) for n, qw in self.gptq.quantized.items() if n.startswith(prefix)}
-            self.work.commit_layer(k, results, self._batches.pop(k))
-            self._next_commit = k + 1
-        if self._next_commit > first:
-            self.work.release_older(first, self._next_commit - 1)

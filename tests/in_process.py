@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 
 def compose_config(*overrides: str):
     """The config `python -m fabricq OVERRIDES` would run with (`recipe=` spelled `+recipe=`)."""
-    with initialize_config_dir(version_base=None, config_dir=str(REPO_ROOT / "fabricq" / "conf")):
+    with initialize_config_dir(version_base=None, config_dir=str(REPO_ROOT / "conf")):
         return compose(config_name="config", overrides=list(overrides))
 
 

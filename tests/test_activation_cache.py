@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from in_process import run_app
-from fabricq.activation_cache import MIB, ActivationCache, check_budgets, check_spill_dir
-from fabricq.calibration import CalibrationLoop
+from fabricq.calibration.cache import MIB, ActivationCache, check_budgets, check_spill_dir
+from fabricq.calibration.loop import CalibrationLoop
 from fabricq.errors import FabricqError
 from test_calibration import SAMPLES, Recorder, tiny_llama
 
@@ -89,8 +89,8 @@ def test_loop_results_do_not_depend_on_where_batches_live(tmp_path):
 
 
 def test_next_layer_prefetched_and_at_most_two_layers_onloaded(monkeypatch):
-    import fabricq.calibration
-    from fabricq.transfer import Prefetcher
+    import fabricq.calibration.loop
+    from fabricq.calibration.transfer import Prefetcher
 
     model = tiny_llama()
     recorder = Recorder()
@@ -110,7 +110,7 @@ def test_next_layer_prefetched_and_at_most_two_layers_onloaded(monkeypatch):
                 self.requests += 1
             return super().submit(fn)
 
-    monkeypatch.setattr(fabricq.calibration, "Prefetcher", RecordingPrefetcher)
+    monkeypatch.setattr(fabricq.calibration.loop, "Prefetcher", RecordingPrefetcher)
     loop = CalibrationLoop(model, SAMPLES, device="cpu", batch_size=2, callbacks=[recorder])
     resident, peak = set(), 0
     onload = loop.transfer.module_to_device

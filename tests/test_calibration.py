@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fabricq.calibration import Callback, CalibrationLoop
-from fabricq.callbacks import SharedInputHessians
+from fabricq.callbacks.base import Callback
+
+from fabricq.calibration.loop import CalibrationLoop
+from fabricq.callbacks.hessians import SharedInputHessians
 from fabricq.models import linear_modules
 
 

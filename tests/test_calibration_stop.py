@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-import fabricq.callbacks as callbacks
-from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
-from fabricq.callbacks import GPTQCallback, GPTQSettings
+import fabricq.callbacks.gptq as callbacks
+from fabricq.callbacks.base import Callback
+from fabricq.calibration.loop import CalibrationLoop, StopLayerForward
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.quant.grid import QuantScheme
 from test_calibration import SAMPLES, tiny_llama
 

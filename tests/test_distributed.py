@@ -20,23 +20,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, run_cli
-from fabricq.distributed import (
-    CostModel,
-    SolveTask,
-    assign_to_ranks,
-    assign_with_backlog,
-    config_digest,
-    local_samples,
-    makespan,
-    pack_upper,
-    shard_batches,
-    solve_cost,
-    solve_window_of,
-    split_rows,
-    split_stacked_rows,
-    unpack_upper,
-    validate_trainer,
-)
+from fabricq.parallel.plan import CostModel, SolveTask, assign_to_ranks, assign_with_backlog, local_samples, makespan, shard_batches, solve_cost, split_rows, split_stacked_rows
+from fabricq.runtime import config_digest, solve_window_of, validate_trainer
+from fabricq.parallel.exchange import pack_upper, unpack_upper
 from fabricq.errors import FabricqError
 from fabricq.quant.packing import unpack_int32
 
@@ -201,7 +187,7 @@ def test_upper_triangle_round_trip():
 def test_raw_sums_from_ranks_add_up_to_the_full_hessian(upper_triangle):
     """Ranks send their raw sums (wide inputs accumulate only the lower triangle, in strips):
     the total, mirrored once where it is read, is the Hessian of all their tokens."""
-    from fabricq.distributed import _reduction_payload
+    from fabricq.parallel.exchange import reduction_payload
     from fabricq.quant.hessian import HessianAccumulator
 
     g = torch.Generator().manual_seed(0)
@@ -210,7 +196,7 @@ def test_raw_sums_from_ranks_add_up_to_the_full_hessian(upper_triangle):
     for acc, x in zip(ranks, parts):
         acc.add(x)
     owner = ranks[0]
-    payloads = [_reduction_payload(acc, upper_triangle) for acc in ranks]
+    payloads = [reduction_payload(acc, upper_triangle) for acc in ranks]
     total = payloads[0] + payloads[1]  # what a reduce to the owner computes
     if upper_triangle:
         owner.sum = unpack_upper(total, 300)
@@ -360,7 +346,7 @@ def test_lagged_pipeline_on_2_ranks_matches_1_rank(shared_path, tmp_path):
 
 PROBE = """
 import os, sys
-import fabricq.export, fabricq.distributed
+import fabricq.export, fabricq.runtime
 from fabricq.__main__ import main
 
 log = os.environ["PROBE_LOG"]
@@ -368,19 +354,19 @@ save = fabricq.export.save_compressed_checkpoint
 
 def recording_save(*args, **kwargs):
     with open(log, "a") as f:
-        f.write(f"save by rank {fabricq.distributed.rank_label()}\\n")
+        f.write(f"save by rank {fabricq.runtime.rank_label()}\\n")
     return save(*args, **kwargs)
 
 fabricq.export.save_compressed_checkpoint = recording_save
 fail_rank = os.environ.get("PROBE_FAIL_RANK")
-solve = fabricq.distributed.DistributedGPTQCallback.solve_modules
+solve = fabricq.parallel.solvers.DistributedGPTQCallback.solve_modules
 
 def failing_solve(self, names, weights, hessians):
     if str(self.rank) == fail_rank and any("layers.1." in name for name in names):
         raise RuntimeError("injected failure")
     return solve(self, names, weights, hessians)
 
-fabricq.distributed.DistributedGPTQCallback.solve_modules = failing_solve
+fabricq.parallel.solvers.DistributedGPTQCallback.solve_modules = failing_solve
 main()
 """
 

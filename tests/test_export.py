@@ -450,7 +450,7 @@ def test_packed_weight_is_the_same_weight_in_fewer_bytes(bits, symmetric, actord
 
 
 def test_gptq_callback_holds_packed_codes_below_8_bits():
-    from fabricq.callbacks import GPTQCallback, GPTQSettings
+    from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
     from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
 
     for bits, kind in ((4, PackedQuantizedWeight), (8, QuantizedWeight)):

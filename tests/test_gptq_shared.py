@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import fabricq.callbacks as callbacks
-from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState, SharedInputHessians
+import fabricq.callbacks.gptq as callbacks
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings, LayerState
+from fabricq.callbacks.hessians import SharedInputHessians
 from fabricq.quant.gptq import gptq_quantize, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme
 

@@ -8,13 +8,13 @@ import textwrap
 
 import pytest
 
-from fabricq.memory import _glibc
+from fabricq.sysmem import _glibc
 
 # Big temporaries freed between small results that stay alive: the pattern of packing every
 # module for export (and of each calibrated layer). Prints RssAnon growth and the live MiB kept.
 PATTERN = textwrap.dedent("""
     import sys, torch
-    from fabricq.memory import return_large_blocks_to_os
+    from fabricq.sysmem import return_large_blocks_to_os
     if sys.argv[1] == "policy":
         assert return_large_blocks_to_os()
     def anon():
@@ -48,7 +48,7 @@ def test_freed_large_blocks_are_returned_to_the_os():
 # Faults taken to write a fresh 64 MiB tensor: 16384 with 4 KiB pages, ~32 with 2 MiB huge pages.
 FAULTS = textwrap.dedent("""
     import resource, sys
-    from fabricq.memory import huge_pages_for_large_tensors
+    from fabricq.sysmem import huge_pages_for_large_tensors
     in_effect = huge_pages_for_large_tensors()
     import torch
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -117,7 +117,7 @@ def test_drop_mapped_pages_leaves_resident_memory_and_keeps_clean_contents(tmp_p
 
     import torch
 
-    from fabricq.memory import drop_mapped_pages
+    from fabricq.sysmem import drop_mapped_pages
 
     path = tmp_path / "weights.safetensors"  # the suffix the loader's mappings have
     values = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
@@ -143,8 +143,11 @@ def test_drop_mapped_pages_leaves_resident_memory_and_keeps_clean_contents(tmp_p
 def test_finished_layers_give_up_their_dense_weights_and_restore_rebuilds_them():
     import torch
 
-    from fabricq.calibration import Callback, CalibrationLoop
-    from fabricq.callbacks import GPTQCallback, GPTQSettings, ReleaseFinishedWeights
+    from fabricq.callbacks.base import Callback
+
+    from fabricq.calibration.loop import CalibrationLoop
+    from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
+    from fabricq.callbacks.release import ReleaseFinishedWeights
     from fabricq.quant.grid import QuantScheme
     from test_calibration import SAMPLES, tiny_llama
 

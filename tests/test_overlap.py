@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fabricq.calibration import CalibrationLoop
-from fabricq.callbacks import GPTQCallback, GPTQSettings
+from fabricq.calibration.loop import CalibrationLoop
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.quant.grid import QuantScheme
 from test_calibration import SAMPLES, tiny_llama
 

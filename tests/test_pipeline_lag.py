@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from fabricq.calibration import Callback, CalibrationLoop
-from fabricq.callbacks import GPTQCallback, GPTQSettings
+from fabricq.callbacks.base import Callback
+
+from fabricq.calibration.loop import CalibrationLoop
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import gptq_quantize
 from fabricq.quant.grid import QuantScheme

@@ -32,7 +32,7 @@ SPILL = ["cache.host_mib=0.1", *LAYER_MODE]
 KILLER = """
 import os, signal, sys, time
 import fabricq.resume as resume
-import fabricq.activation_cache as cache
+import fabricq.calibration.cache as cache
 mode, layer = os.environ["KILL_MODE"], int(os.environ["KILL_LAYER"])
 save_hidden = resume.WorkDirectory.save_hidden
 def patched_save_hidden(self, index, next_inputs):
@@ -222,7 +222,7 @@ def test_commit_steps_keep_what_a_lagging_peer_resumes_from(tmp_path, world):
     """Hidden states are saved per layer ahead of the commits (a solve window); a commit step that
     finishes several layers at once (the window's end) keeps, with several ranks, the layer before
     the step, where a peer still one step behind would resume."""
-    from fabricq.activation_cache import ActivationCache
+    from fabricq.calibration.cache import ActivationCache
 
     work = resume.WorkDirectory(tmp_path / ".out.work", rank=0, world_size=world)
     work.prepare("auto", {"x": 1})
@@ -271,9 +271,9 @@ def test_in_process_resume_matches_uninterrupted(tmp_path, method, lag):
     """The loop entry point: crash after layer 1's commit, restore into a fresh model, continue at
     layer 2 from the saved hidden states: the same quantized results as one uninterrupted run
     (with a lag, layer 1 is committed after layer 2's forward, with layer 1's unquantized outputs)."""
-    from fabricq.activation_cache import ActivationCache
-    from fabricq.calibration import CalibrationLoop
-    from fabricq.callbacks import GPTQCallback, GPTQSettings
+    from fabricq.calibration.cache import ActivationCache
+    from fabricq.calibration.loop import CalibrationLoop
+    from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
     from fabricq.quant.grid import QuantScheme
     from fabricq.resume import CheckpointCallback, WorkDirectory
     from test_calibration import SAMPLES, tiny_llama

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fabricq.errors import FabricqError
-from fabricq.transfer import Prefetcher, TransferStream
+from fabricq.sysmem import current_rss_bytes
+from fabricq.calibration.transfer import Prefetcher, TransferStream
 
 MIB = 1024 * 1024
 TIERS = ("device", "host", "disk")
@@ -38,13 +39,6 @@ def mib(nbytes: float) -> float:
     return round(nbytes / MIB, 3)
 
 
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (0 where /proc is unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def check_budgets(batch_bytes: int, device_mib: float | None, host_mib: float | None, batch_desc: str) -> None:

@@ -12,109 +12,18 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from fabricq.calibration import Callback, CalibrationLoop, StopLayerForward
+from fabricq.callbacks.base import Callback
+from fabricq.callbacks.hessians import SharedInputHessians
+from fabricq.calibration.loop import CalibrationLoop
 from fabricq.errors import FabricqError
-from fabricq.memory import drop_mapped_pages, release_freed_memory
+from fabricq.sysmem import release_freed_memory
 from fabricq.models import linear_modules
 from fabricq.quant.gptq import PackedQuantizedWeight, PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
-from fabricq.quant.hessian import HessianAccumulator
 
 log = logging.getLogger("fabricq")
 
 
-class SharedInputHessians:
-    """One Hessian per distinct input of a layer's Linear modules.
-
-    q/k/v (and gate/up) read the very same tensor, so they share one accumulator: which modules
-    share is learnt from the first batch that reaches them (same tensor object → same group), for
-    any architecture, or given up front as `groups` (learnt on an earlier layer of the same
-    shape; each batch then checks that a follower reads its leader's very tensor). References to
-    the learning batch's inputs are held until `end_batch` so a freed tensor's id cannot be
-    reused by a different input within the batch.
-
-    With `stop_early`, from the second batch on, once the last module (in call order) has given
-    its input, the rest of the layer's calibration forward is skipped (`StopLayerForward`): its
-    output would be discarded anyway, as the quantized layer is forwarded again for the next layer.
-    """
-
-    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype, stop_early: bool = True,
-                 groups: list[list[str]] | None = None):
-        self.modules = modules
-        self.stop_early = stop_early
-        self.dtype = dtype
-        self.leader: dict[str, str] = {}  # module → module whose accumulator it uses
-        self.preset = groups is not None
-        for group in groups or []:
-            for name in group:
-                self.leader[name] = group[0]
-        self.accumulators: dict[str, HessianAccumulator] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
-        self._order: list[str] = []  # first calls, in call order
-        self._calls_while_learning = 0
-        self._batches_done = 0
-        self._stop_after: str | None = None
-        self._last_leader_input = threading.local()  # per batch forward (gated forwards: per thread)
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def observe(module, args):
-            x = args[0]
-            leader = self.leader.get(name)
-            if self._batches_done == 0:
-                self._calls_while_learning += 1
-            if leader is None:  # the first call of this module: learn whom it shares an input with
-                self._order.append(name)
-                seen = self._seen.get(id(x))
-                leader = seen[0] if seen is not None and seen[1] is x else name
-                self.leader[name] = leader
-                if leader == name:
-                    self._seen[id(x)] = (name, x)
-            elif self.preset and leader != name:
-                last = getattr(self._last_leader_input, "value", None)
-                if last is None or last[0] != leader or last[1] is not x:
-                    raise FabricqError(
-                        f"{name} does not read the same input as {leader} here, unlike in the layer its "
-                        "grouping was learnt on: this model's layers differ; set quant.true_sequential=false"
-                    )
-            if leader == name:
-                accumulator = self.accumulators.get(name)
-                if accumulator is None:
-                    accumulator = self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
-                accumulator.add(x)
-                self._last_leader_input.value = (name, x)
-            if name == self._stop_after:
-                raise StopLayerForward
-
-        return observe
-
-    def end_batch(self) -> None:
-        self._seen.clear()
-        self._last_leader_input.value = None
-        if self._batches_done == 0:
-            once = self._calls_while_learning == len(self._order) == len(self.modules)
-            if self.stop_early and once:
-                self._stop_after = self._order[-1]  # every module runs once per forward
-        self._batches_done += 1
-
-    def hessian(self, name: str) -> torch.Tensor:
-        return self.accumulators[self.leader[name]].mean()
-
-    def groups(self) -> list[list[str]]:
-        """Modules by shared input, each group led by its first-called member."""
-        out: dict[str, list[str]] = {}
-        for name in self.modules:
-            if name in self.leader:
-                out.setdefault(self.leader[name], []).append(name)
-        return [[leader] + [n for n in members if n != leader] for leader, members in out.items()]
-
-    def group_of(self, name: str) -> list[str]:
-        leader = self.leader.get(name, name)
-        return [n for g in self.groups() if g[0] == leader for n in g] or [name]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 # A stacked solve holds a few (rows, columns) float32 buffers of the whole stack at once (the
@@ -412,56 +321,5 @@ class GPTQCallback(Callback):
         self.stats[name] = stats
 
 
-class ProgressCallback(Callback):
-    """One log line per finished layer: `Layer 12/30 · 3.1 s · ETA 55 s`.
-
-    A layer is finished once it is final and the next layer's inputs exist (`on_layer_complete`):
-    after its error-propagation pass, or, with a lag, once its solves on the worker are done."""
-
-    changes_layer_after_gates = False
-
-    def on_run_start(self, loop):
-        self._run_start = self._layer_start = time.perf_counter()
-        self._done = 0
-
-    def on_layer_complete(self, loop, index, next_inputs):
-        now = time.perf_counter()
-        self._done += 1
-        remaining = loop.num_layers - index - 1
-        eta = (now - self._run_start) / self._done * remaining
-        log.info("Layer %d/%d · %.1f s · ETA %.0f s", index + 1, loop.num_layers, now - self._layer_start, eta)
-        self._layer_start = now
 
 
-class ReleaseFinishedWeights(Callback):
-    """Frees the dense weights of quantized modules once their layer is final
-    (`gptq.final_through`): nothing reads them again before export, which takes the codes from
-    `gptq.quantized` and only shapes and dtypes from the model. Each weight becomes a meta tensor
-    of the same shape and dtype (a stray read fails loudly), and pages of the loader's memory map
-    that held it leave resident memory (`drop_mapped_pages`). `restore` rebuilds the dense
-    quantized weights, for an evaluation after calibration."""
-
-    changes_layer_after_gates = False
-
-    def __init__(self, gptq: GPTQCallback):
-        self.gptq = gptq
-        self._next = 0  # the first layer not released yet
-
-    def on_layer_complete(self, loop, index, next_inputs):
-        final = self.gptq.final_through(index)
-        for i in range(self._next, final + 1):
-            modules = linear_modules(loop.layers[i], loop.layer_name(i))
-            released = [m for name, m in modules.items() if name in self.gptq.quantized]
-            old = [m.weight.data for m in released]
-            for m in released:
-                m.weight = nn.Parameter(torch.empty(m.weight.shape, dtype=m.weight.dtype, device="meta"),
-                                        requires_grad=False)
-            drop_mapped_pages(old)
-        self._next = max(self._next, final + 1)
-
-    def restore(self, model: nn.Module) -> None:
-        modules = dict(model.named_modules())
-        for name, result in self.gptq.quantized.items():
-            module = modules[name]
-            if module.weight.device.type == "meta":
-                module.weight = nn.Parameter(result.dequantize().to(module.weight.dtype), requires_grad=False)

@@ -156,3 +156,12 @@ def drop_mapped_pages(tensors, suffix: str = ".safetensors") -> int:
             if lo < hi and libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
                 advised += hi - lo
     return advised
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
