@@ -3,6 +3,8 @@
     python benchmarks/compare_llmcompressor.py                       # 128 × 512 tokens, A B A B
     python benchmarks/compare_llmcompressor.py --repeats 1 --max-windows 8
     python benchmarks/compare_llmcompressor.py --num-samples 16 --repeats 1 --max-windows 2  # quick
+    python benchmarks/compare_llmcompressor.py --dtype bfloat16       # the default model, saved in bf16
+    python benchmarks/compare_llmcompressor.py --random-llama --num-samples 64 --seq-len 512  # 8 × 512 bf16 Llama
 
 One invocation: tokenizes the calibration text once (with fabricq's own data code and config,
 so it is exactly the windows `python -m fabricq` draws; fabricq's report fingerprints them and the
@@ -18,6 +20,16 @@ llm-compressor pins transformers<=5.17 and compressed-tensors==0.19.0, so it liv
 virtual environment, created on first use in benchmarks/.venv-llmcompressor (gitignored):
 `python -m venv DIR && DIR/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1`.
 
+Model dtype: `--dtype bfloat16` (or float32) saves a copy of the model in that dtype to a
+temporary folder, which both tools then load as saved (fabricq's model.dtype=auto, the peer's
+dtype="auto"). `--random-llama [LAYERSxHIDDEN]` builds a random-initialised Llama-architecture
+model instead (default 8x512: intermediate 4 × hidden, 64-wide heads, tied embeddings, the
+default model's tokenizer and vocabulary, seed 0, bf16 unless --dtype says otherwise), also in
+a temporary folder: nothing is downloaded. Perplexity is evaluated in float32 for every model and
+checkpoint (an exact upcast of bf16 weights), so a CPU without native bf16 does not make the
+untimed evaluation crawl. The JSON records the host's CPU flags and whether it computes bf16
+natively (`fabricq.precision`).
+
 Each finished run is appended to <out>/runs.jsonl at once: rerunning with the same --out resumes
 an interrupted comparison without repeating its runs.
 
@@ -32,10 +44,10 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,6 +213,63 @@ def load_checkpoint_into(model, checkpoint: Path) -> None:
             state[f"{name}.weight"].copy_(tensors[f"{name}.weight"].to(state[f"{name}.weight"].dtype))
 
 
+# ---------------------------------------------------------------- the model both tools quantize
+
+
+def parse_llama_shape(text: str) -> tuple[int, int]:
+    """"8x512" → (layers, hidden)."""
+    try:
+        layers, hidden = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYERSxHIDDEN, e.g. 8x512, got {text!r}") from None
+    if layers < 1 or hidden < 64 or hidden % 64:
+        raise argparse.ArgumentTypeError(f"need ≥ 1 layer and a hidden size that is a multiple of 64, got {text!r}")
+    return layers, hidden
+
+
+def build_random_llama(folder: Path, tokenizer, layers: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> Path:
+    """A random-initialised Llama-architecture model (transformers' own initialisation, `seed`)
+    saved with `tokenizer` in `folder`: intermediate 4 × hidden, 64-wide heads (no grouped KV),
+    tied embeddings, vocabulary of the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_in_dtype(source_folder: Path, folder: Path, dtype: torch.dtype) -> Path:
+    """A copy of the Hugging Face model in `source_folder`, saved in `dtype`, with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source_folder, dtype=dtype)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source_folder).save_pretrained(folder)
+    return folder
+
+
+def host_precision() -> dict:
+    """The host's CPU flags and what fabricq.precision makes of them (bf16 native or not)."""
+    from fabricq.precision import (
+        cpu_flags,
+        native_bf16_flags,
+        read_cpuinfo,
+        torch_bf16_kernels,
+    )
+
+    flags = cpu_flags(read_cpuinfo())
+    native = native_bf16_flags(flags)
+    return {"cpu_flags": sorted(flags), "native_bf16_flags": native, "torch_bf16_kernels": torch_bf16_kernels(),
+            "native_bf16": bool(native) and torch_bf16_kernels(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 # ---------------------------------------------------------------- the FLOP floor
 
 
@@ -289,6 +358,10 @@ def load_average() -> list[float] | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="Hugging Face model folder (default: fabricq's default, SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="save the model in this dtype for both tools (default: as saved; bfloat16 with --random-llama)")
+    p.add_argument("--random-llama", nargs="?", const="8x512", type=parse_llama_shape, metavar="LAYERSxHIDDEN",
+                   help="quantize a random-initialised Llama of this shape (default 8x512) instead of --model")
     p.add_argument("--calib", default=str(DEFAULT_CALIB), help="calibration .jsonl (default: %(default)s)")
     p.add_argument("--eval", default=str(DEFAULT_EVAL), help="evaluation text (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=128)
@@ -320,11 +393,34 @@ def main(argv=None) -> int:
     peer_python = ensure_peer_venv(args.venv)
 
     from fabricq.data import evaluation_windows, prepare_text, tokenize_stream
-    from fabricq.models import _materialise_gguf, load_model, load_tokenizer, resolve_model_source
+    from fabricq.models import (
+        DTYPES,
+        _materialise_gguf,
+        load_model,
+        load_tokenizer,
+        resolve_model_source,
+    )
 
+    if args.random_llama and args.model:
+        print("compare_llmcompressor: error: --random-llama builds its own model: drop --model", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("bfloat16" if args.random_llama else "auto")
     source = resolve_model_source(args.model)
     if source.gguf_file:
         source = _materialise_gguf(source)  # the peer needs a plain Hugging Face folder
+    # Models built here live in a temporary folder for this invocation (rebuilt identically on resume).
+    scratch = tempfile.TemporaryDirectory(prefix="fabricq-compare-model-")
+    if args.random_llama:
+        layers, hidden = args.random_llama
+        label = f"random-llama-{layers}x{hidden}-{dtype}"
+        folder = build_random_llama(Path(scratch.name) / label, load_tokenizer(source), layers, hidden, DTYPES[dtype])
+        source = resolve_model_source(str(folder))
+    elif dtype != "auto":
+        label = f"{source.folder.name}-{dtype}"
+        source = resolve_model_source(str(save_in_dtype(source.folder, Path(scratch.name) / label, DTYPES[dtype])))
+    else:
+        label = source.folder.name
+    args.model = str(source.folder)  # both tools, and fabricq's overrides, read this folder
     tokenizer = load_tokenizer(source)
     cfg = fabricq_config(args)
     ids = prepare_text(tokenizer, cfg.data, cfg.eval).calibration
@@ -333,9 +429,11 @@ def main(argv=None) -> int:
     digest = fingerprint(ids)
 
     machine = BENCH.machine_info(args.threads)
+    machine.update(host_precision())
     machine["load_before"] = load_average()
-    print(f"# {machine['cpu']} · {machine['logical_cores']} cores · {args.threads} thread(s) per run · model "
-          f"{source.folder.name} · calibration {tuple(ids.shape)} sha256 {digest[:12]} · load {machine['load_before']}",
+    bf16_note = "native bf16" if machine["native_bf16"] else "NO native bf16 (bf16 is emulated here)"
+    print(f"# {machine['cpu']} · {machine['logical_cores']} cores · {bf16_note} · {args.threads} thread(s) per run · "
+          f"model {label} · calibration {tuple(ids.shape)} sha256 {digest[:12]} · load {machine['load_before']}",
           flush=True)
 
     # Every finished run is recorded at once in runs.jsonl, so an interrupted comparison resumes
@@ -344,6 +442,8 @@ def main(argv=None) -> int:
     done = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     if done and done[0].get("calibration_sha256") != digest:
         raise RuntimeError(f"{record} was measured on other calibration windows: use another --out")
+    if done and done[0].get("model_label", label) != label:
+        raise RuntimeError(f"{record} was measured on {done[0]['model_label']}, not {label}: use another --out")
     runs = []
     for repeat in range(args.repeats):
         for tool, run in (("llm-compressor", lambda: run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat)),
@@ -355,6 +455,7 @@ def main(argv=None) -> int:
                 continue
             runs.append(run())
             runs[-1]["calibration_sha256"] = digest
+            runs[-1]["model_label"] = label
             runs[-1]["load_average"] = load_average()
             with open(record, "a") as handle:
                 handle.write(json.dumps(runs[-1]) + "\n")
@@ -374,7 +475,7 @@ def main(argv=None) -> int:
     eval_file = Path(args.eval)
     stream = tokenize_stream(tokenizer, [eval_file.read_text(encoding="utf-8")])
     windows = evaluation_windows(stream, args.eval_seq_len, args.max_windows or None)
-    model = load_model(source)
+    model = load_model(source, "float32")  # exact for bf16 weights; no emulated bf16 on CPUs without it
     ppl = {"original": perplexity(model, windows)}
     for tool, tool_runs in (("fabricq", fab), ("llm-compressor", peer)):
         load_checkpoint_into(model, Path(tool_runs[-1]["checkpoint"]))
@@ -419,11 +520,12 @@ def main(argv=None) -> int:
           f"Hessians {flops['hessian'] / 1e12:.2f}, solves {flops['solve'] / 1e12:.3f}); matrix products "
           f"{rates['float32'] / 1e9:.1f} GFLOP/s float32, {rates['bfloat16'] / 1e9:.1f} GFLOP/s bfloat16 "
           f"({args.threads} thread(s)); floor {floor_s:.1f} s; fabricq / floor ×{ratios['fabricq_over_floor']:.2f}")
-    print(f"load average before {machine.get('load_before')} after {load_after}")
+    print(f"model {label}; this host: {bf16_note} (bf16 flags: {', '.join(machine['native_bf16_flags']) or 'none'}); "
+          f"load average before {machine.get('load_before')} after {load_after}")
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {
-        "settings": settings, "machine": machine, "model": str(source.folder),
+        "settings": settings, "machine": machine, "model": label, "model_dtype": dtype,
         "calibration": {"shape": list(ids.shape), "sha256": digest},
         "peer_settings": {"block_size": peer[-1]["block_size"], "dampening_frac": peer[-1]["dampening_frac"],
                           "applied_example": next(iter(peer[-1]["applied"].values()))},
@@ -432,6 +534,7 @@ def main(argv=None) -> int:
         "load_average_after": load_after, "runs": runs,
     }
     out.write_text(json.dumps(result, indent=2))
+    scratch.cleanup()
     print(f"Wrote {out}")
     return 0
 

@@ -6,12 +6,11 @@ Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =
 - end-to-end: the process's wall time (interpreter start to exit) and the run's own `wall_s`;
 - calibration: `timings.quantize_s` (capture, forwards, Hessians, solves, error propagation);
 - GPTQ phase: on one rank the wall time of the solve steps (`timings.solve_steps_s`: solves and
-  installs of the quantized weights); on N ranks the sum over layers of the layer-end step
-  (Hessian reduction, solves, result broadcast, installs), i.e. the critical path —
-  with a solve window (pipeline.lag=1) the busiest rank's solver-thread seconds instead. The
-  step's first wait, for the slowest rank to finish its forwards ("arrival"), is calibration
-  imbalance: it is printed on its own and not counted here. Rank 0's split of the step
-  (arrival, reduce, solve, results, metadata, install) is in the JSON;
+  installs of the quantized weights); on N ranks the sum over the solve steps (Hessian
+  reduction, solves, result broadcast, installs), i.e. the critical path. A step's first wait,
+  for the slowest rank to finish its forwards ("arrival"), is calibration imbalance: it is
+  printed on its own and not counted here. Rank 0's split of the steps (arrival, reduce, solve,
+  results, metadata, install) is in the JSON;
 - bytes communicated (Hessian reductions to owners, result broadcasts, metadata).
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py                 # 128 × 512 C4, 2 ranks
@@ -75,13 +74,7 @@ def run_once(ranks: int, args, out: Path) -> dict:
         cpu_per_rank = report["distributed"].get("cpu_s_per_rank")
         balance = sum(layer["achieved_makespan_s"] for layer in layers) / sum(
             sum(layer["achieved_per_rank_s"]) / ranks for layer in layers)
-        window = report["distributed"].get("solve_window")
-        if window:  # solves trail calibration on each owner's thread: no per-layer critical path
-            gptq_s = max(window["solve_s_per_rank"])  # the busiest solver thread's seconds
-            balance = window["achieved_makespan_over_ideal"]
-    window = report.get("distributed", {}).get("solve_window")
     return {
-        "solve_window": window,
         "ranks": ranks, "process_s": process_s, "wall_s": report["wall_s"],
         "quantize_s": report["timings"]["quantize_s"], "gptq_s": gptq_s, "arrival_s": arrival_s,
         "gptq_phases_s_rank0": phases_s, "bytes_sent": bytes_sent,
@@ -148,13 +141,8 @@ def main() -> None:
     print(f"\nbytes communicated per run: {total / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in multi['bytes_sent'].items())}); "
           f"solve makespan / ideal {multi['solve_makespan_over_ideal']:.3f}")
     if multi["gptq_phases_s_rank0"]:
-        print(f"rank 0's layer-end steps: {', '.join(f'{k} {v:.1f} s' for k, v in multi['gptq_phases_s_rank0'].items())} "
+        print(f"rank 0's solve steps: {', '.join(f'{k} {v:.1f} s' for k, v in multi['gptq_phases_s_rank0'].items())} "
               f"(arrival = waiting for the slowest rank's forwards, not in the GPTQ phase above)")
-    if multi["solve_window"]:
-        w = multi["solve_window"]
-        print(f"solve window {w['window']} layers (pipeline.lag=1): GPTQ phase above = the busiest rank's solver "
-              f"thread (overlapping calibration); solve seconds per rank {w['solve_s_per_rank']}, planned makespan / "
-              f"ideal {w['planned_makespan_over_ideal']:.3f}, waited at publishing {w['publish_wait_s']:.1f} s (rank 0)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = REPO / "benchmarks" / "results" / f"distributed-{stamp}.json"
     out.parent.mkdir(exist_ok=True)

@@ -3,13 +3,10 @@ the quality each costs. Repeats are interleaved (A B C A B C) so machine drift h
 
   one-forward  quant.true_sequential=true (default): one gated forward per layer, true-sequential
   two-forward  quant.true_sequential=false: calibrate the layer, quantize, forward again
-  lag          quant.true_sequential=false pipeline.lag=1: layer i solved on a worker thread while
-               layer i+1 is calibrated on layer i's unquantized outputs (no error propagation)
 
     python benchmarks/pipeline_modes.py --num-samples 32 --repeats 2 --max-windows 4
 
-With --threads 1 every run's torch ops are single-threaded; the lagged run's solve worker is a
-second OS thread and so may use a second core (the others use one).
+With --threads 1 every run's torch ops are single-threaded.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from quantize import DEFAULT_CALIB, DEFAULT_EVAL, REPO, machine_info, print_alig
 MODES = {
     "one-forward": ["quant.true_sequential=true"],
     "two-forward": ["quant.true_sequential=false"],
-    "lag": ["quant.true_sequential=false", "pipeline.lag=1"],
 }
 
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fabricq.calibration.loop import CalibrationLoop  # noqa: E402
-from fabricq.callbacks import GPTQCallback, GPTQSettings  # noqa: E402
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings  # noqa: E402
 from fabricq.data import calibration_samples, load_documents, tokenize_stream  # noqa: E402
 from fabricq.models import decoder_layers, load_model, load_tokenizer, resolve_model_source  # noqa: E402
 from fabricq.quant.grid import QuantScheme, effective_group_size  # noqa: E402

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fabricq.callbacks import GPTQCallback, GPTQSettings, LayerState
+from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings, LayerState
 from fabricq.quant.grid import QuantScheme
 from fabricq.quant.hessian import HessianAccumulator
 

@@ -28,57 +28,65 @@ def _kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, rows: int = 256)
     return total
 
 
+def scored_positions(index: int, seq_len: int, stride: int | None) -> int:
+    """How many of window `index`'s last next-token predictions count: all of them in the first
+    window and in non-overlapping windows; with sliding windows (`stride`) only the `stride` new
+    tokens, so every token of the text is scored exactly once (the usual sliding-window recipe)."""
+    return seq_len - 1 if stride is None or index == 0 else min(stride, seq_len - 1)
+
+
 @torch.no_grad()
 def evaluate(
-    model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None, desc: str | None = None
+    model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None, desc: str | None = None,
+    stride: int | None = None, first_index: int = 0,
 ) -> dict:
-    """Perplexity over all windows; optionally keep the first `keep` windows' log-probs (float16,
-    to compare against later) and/or the mean KL(reference ‖ model) over the reference windows.
-    With `desc`, a progress bar with an ETA (a full WikiText-2 pass takes minutes on a CPU)."""
+    """Perplexity over the scored positions of all windows (`scored_positions`; `first_index`: the
+    index of `windows[0]` among all windows); optionally keep the first `keep` windows' scored
+    log-probs (float16, to compare against later) and/or the mean KL(reference ‖ model) over the
+    reference windows' scored positions. With `desc`, a progress bar with an ETA."""
     nll, tokens, kept, kl_sum, kl_tokens = 0.0, 0, [], 0.0, 0
     bar = tqdm(windows, desc=desc, unit="window", disable=desc is None, mininterval=5)
     for i, window in enumerate(bar):
-        logprobs = next_token_logprobs(model, window, device)
-        targets = window[1:].to(logprobs.device)
+        scored = scored_positions(first_index + i, len(window), stride)
+        logprobs = next_token_logprobs(model, window, device)[-scored:]
+        targets = window[-scored:].to(logprobs.device)
         nll += float(-logprobs.gather(1, targets[:, None]).sum())
-        tokens += targets.numel()
+        tokens += scored
         if i < keep:
             kept.append(logprobs.to(torch.float16).cpu())
         if reference is not None and i < len(reference):
             kl_sum += _kl_sum(reference[i].to(logprobs.device), logprobs)
-            kl_tokens += targets.numel()
+            kl_tokens += scored
     result = {"ppl": math.exp(nll / tokens), "tokens": tokens, "logprobs": kept}
     if reference is not None:
-        result["kl"] = kl_sum / kl_tokens
+        result["kl"] = kl_sum / kl_tokens if kl_tokens else float("nan")
+        result["kl_tokens"] = kl_tokens
     return result
 
 
 def evaluate_sharded(fabric, model, windows: torch.Tensor, device, keep: int = 0, reference: list | None = None,
-                     desc: str | None = None) -> dict:
+                     desc: str | None = None, stride: int | None = None) -> dict:
     """`fabricq.evaluate.evaluate` with the windows split over ranks (contiguous shards) and the
     sums combined: the same perplexity and KL as one rank up to float rounding. The log-probs
     kept for the KL stay on the rank that computed them (`reference` is that rank's list).
     Only rank 0 shows the progress bar (`desc`)."""
-    from fabricq.evaluate import evaluate
-
     progress = {"desc": desc} if desc else {}
     if fabric.world_size == 1:
-        return evaluate(model, windows, device, keep=keep, reference=reference, **progress)
+        return evaluate(model, windows, device, keep=keep, reference=reference, stride=stride, **progress)
     shard = shard_batches(len(windows), fabric.world_size)[fabric.global_rank]
     local = windows[shard.start : shard.stop]
     local_keep = max(0, min(keep, shard.stop) - shard.start)
     totals = torch.zeros(4, dtype=torch.float64)
     kept: list = []
     if len(local):
-        result = evaluate(model, local, device, keep=local_keep, reference=reference or None,
-                          **(progress if fabric.global_rank == 0 else {}))
+        result = evaluate(model, local, device, keep=local_keep, reference=reference or None, stride=stride,
+                          first_index=shard.start, **(progress if fabric.global_rank == 0 else {}))
         kept = result["logprobs"]
         totals[0] = math.log(result["ppl"]) * result["tokens"]
         totals[1] = result["tokens"]
-        if reference:
-            kl_tokens = sum(len(w) - 1 for w in local[: len(reference)])
-            totals[2] = result["kl"] * kl_tokens
-            totals[3] = kl_tokens
+        if reference and result["kl_tokens"]:
+            totals[2] = result["kl"] * result["kl_tokens"]
+            totals[3] = result["kl_tokens"]
     totals = totals.to(fabric.device)
     torch.distributed.all_reduce(totals)
     totals = totals.cpu()

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fabricq.output import apply_umask
 from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
 from fabricq.quant.grid import dequantize_groups
 from fabricq.quant.packing import pack_int32, packed_width, unpack_int32
@@ -73,6 +74,7 @@ def save_compressed_checkpoint(
     *,
     ignore: list[str] | None = None,
     max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `model` with the modules in `quantized` packed, as a compressed-tensors checkpoint.
 
@@ -81,19 +83,22 @@ def save_compressed_checkpoint(
     quantized: module name (as in `model.named_modules()`) → its QuantizedWeight (or PackedQuantizedWeight).
     ignore: extra entries for the config's `ignore` list (module names or `re:` patterns);
         unquantized Linear modules are listed there anyway.
+    dtype: the dtype of the unquantized floating-point tensors and of the scales (default: the
+        model's); the scales must be exactly representable in it.
     """
     output_dir = Path(output_dir)
     modules = dict(model.named_modules())
-    _validate(model, modules, quantized)
+    _validate(model, modules, quantized, scale_dtype=dtype)
 
     state_dict = _unquantized_state_dict(model, quantized)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     for name in sorted(quantized):
-        dtype = modules[name].weight.dtype
-        state_dict.update(_compressed_tensors_for(name, quantized[name], dtype))
+        state_dict.update(_compressed_tensors_for(name, quantized[name], dtype or modules[name].weight.dtype))
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["dtype"] = str(model.dtype).removeprefix("torch.")
+    config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     config["quantization_config"] = build_quantization_config(model, quantized, ignore)
 
@@ -105,9 +110,11 @@ def save_compressed_checkpoint(
         generation_config.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    for path in output_dir.iterdir():  # safetensors creates its files 0600: give them the umask's mode
+        apply_umask(path)
 
 
-def _validate(model, modules: dict, quantized: dict[str, QuantizedWeight]) -> None:
+def _validate(model, modules: dict, quantized: dict[str, QuantizedWeight], scale_dtype=None) -> None:
     names_by_storage = defaultdict(list)
     for key, tensor in model.state_dict().items():
         if tensor.device.type != "meta":
@@ -139,7 +146,7 @@ def _validate(model, modules: dict, quantized: dict[str, QuantizedWeight]) -> No
             )
             if not torch.equal(qw.g_idx.long().cpu(), expected):
                 raise ValueError(f"{name}: groups must be contiguous unless actorder is 'dynamic'")
-        dtype = module.weight.dtype
+        dtype = scale_dtype or module.weight.dtype
         scale = qw.scale.float().cpu()
         if not torch.equal(scale.to(dtype).float(), scale):
             raise ValueError(

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from fabricq.calibration.cache import ActivationCache, Stage
 from fabricq.errors import FabricqError
 from fabricq.models import ModelSource
+from fabricq.output import apply_umask
 from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight
 from fabricq.quant.grid import QuantScheme
 from fabricq.quant.packing import pack_int32, unpack_int32
@@ -43,9 +44,9 @@ from fabricq.quant.packing import pack_int32, unpack_int32
 log = logging.getLogger("fabricq")
 
 FORMAT = 1
-RESUME_MODES = ("auto", True, False)
 # Fields that cannot change the checkpoint: a run may be resumed with other values.
-IGNORED_FIELDS = ("output_dir", "overwrite", "resume", "cache", "eval", "pipeline.prefetch", "pipeline.solve_threads", "model.path")
+IGNORED_FIELDS = ("output_dir", "overwrite", "resume", "cache", "eval", "distributed", "pipeline.solve_threads",
+                  "model.path")
 # (model.path: the model is identified by its files instead, so a moved folder still resumes)
 SAMPLE_BYTES = 4 * 1024 * 1024
 
@@ -84,11 +85,13 @@ def _file_identity(path: Path) -> dict:
 
 
 def model_identity(source: ModelSource) -> dict:
+    """The model's files by name and content, not by where they are: a moved or renamed folder
+    still resumes, a changed weight or config does not."""
     folder = source.folder
     if source.gguf_file:
         return {"name": source.name, "files": {source.gguf_file: _file_identity(folder / source.gguf_file)}}
     files = sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "config.json"])
-    return {"name": source.name, "files": {f.name: _file_identity(f) for f in files}}
+    return {"files": {f.name: _file_identity(f) for f in files}}
 
 
 def data_identity(calibration: torch.Tensor) -> str:
@@ -141,8 +144,6 @@ class WorkDirectory:
         """Check that an unfinished run in the work directory is this very run (same config,
         model and data). Returns True when there is progress to resume from. Nothing is created
         until the first layer is committed, so a run that fails early leaves nothing behind."""
-        if mode not in RESUME_MODES:
-            raise FabricqError(f"resume must be auto, true or false, got {mode!r}")
         self._identity = identity
         run_file = self.path / "run.json"
         progress = run_file.is_file() and self.latest_finished_layer() is not None
@@ -153,9 +154,12 @@ class WorkDirectory:
             old = json.loads(run_file.read_text())
             if old.get("format") != FORMAT or old.get("identity_sha256") != _identity_hash(identity):
                 diff = _differences(old.get("identity", {}), identity)
-                what = "model" if any(d.startswith("model.") for d in diff) else "config"
+                what = ("a different model" if any(d.startswith("model.") for d in diff) else
+                        "different calibration data" if any(d.startswith("data_sha256") for d in diff) else
+                        "a different config")
+                self.close()  # refused: the lock is not this run's to keep
                 raise FabricqError(
-                    f"{self.path} holds an unfinished run of a different {what} "
+                    f"{self.path} holds an unfinished run of {what} "
                     f"({'; '.join(diff[:3]) or 'unknown format'}): re-run it with its own settings to finish it, "
                     "pass resume=false to discard it, or choose another output_dir"
                 )
@@ -217,8 +221,7 @@ class WorkDirectory:
 
     def save_hidden(self, index: int, next_inputs: Stage | None) -> int:
         """This rank's hidden states entering layer index+1 (None after the last layer); returns
-        the number of batches saved. Written when layer `index` is complete, which can be before
-        its results are final (a solve window): its commit then refers back to these files."""
+        the number of batches saved, which `commit_layer` records."""
         self._create()
         if next_inputs is None:
             return 0
@@ -227,6 +230,8 @@ class WorkDirectory:
         for stale in (tmp, final):
             shutil.rmtree(stale, ignore_errors=True)
         next_inputs.save(tmp)
+        for path in [tmp, *tmp.iterdir()]:  # safetensors writes 0600; a resume may run as another user
+            apply_umask(path)
         os.replace(tmp, final)
         return len(next_inputs)
 
@@ -235,20 +240,19 @@ class WorkDirectory:
         the `batches` hidden-state files `save_hidden` wrote for it."""
         self._create()
         if self.rank == 0:
-            _save_results(self._layer_file(index), results)
+            save_results(self._layer_file(index), results)
         state = {"layer": index, "batches": batches, "threads": torch.get_num_threads(),
                  "rng": torch.get_rng_state().numpy().tobytes().hex()}
         if torch.cuda.is_available():
             state["cuda_rng"] = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()]
         _write_json(self._state_file(index), state)
 
-    def release_older(self, first: int, last: int) -> None:
-        """After a commit step that made layers first…last final: delete this rank's markers and
-        hidden states that no resume can need. Alone, all but the last layer's. With several
-        ranks, those from first-1 on stay: a peer may still be one step behind (not more: the
-        collectives before the next step wait for it), and ranks resume from the layer every
-        one of them finished."""
-        keep_from = last if self.world_size == 1 else first - 1
+    def release_older(self, index: int) -> None:
+        """After layer `index` was committed: delete this rank's markers and hidden states that no
+        resume can need. Alone, all but this layer's. With several ranks, the layer before it
+        stays too: a peer may still be one layer behind (not more: the collectives of the next
+        layer wait for it), and ranks resume from the layer every one of them finished."""
+        keep_from = index if self.world_size == 1 else index - 1
         for marker in (self.path / "state").glob(f"L?????.rank{self.rank}.json"):
             if int(marker.name[1:6]) < keep_from:
                 marker.unlink(missing_ok=True)
@@ -265,7 +269,7 @@ class WorkDirectory:
                         torch.get_num_threads(), state["threads"])
         modules = dict(model.named_modules())
         for k in range(layer + 1):
-            for name, (result, stats) in _load_results(self._layer_file(k)).items():
+            for name, (result, stats) in load_results(self._layer_file(k)).items():
                 gptq.install(name, modules[name], result, stats)
         torch.set_rng_state(torch.frombuffer(bytearray.fromhex(state["rng"]), dtype=torch.uint8))
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -285,7 +289,7 @@ def _identity_hash(identity: dict) -> str:
     return _sha256(json.dumps(identity, sort_keys=True).encode())
 
 
-def _save_results(path: Path, results: dict[str, tuple[QuantizedWeight, dict]]) -> None:
+def save_results(path: Path, results: dict[str, tuple[QuantizedWeight, dict]]) -> None:
     tensors, meta = {}, {}
     for name, (qw, stats) in results.items():
         # Codes packed like the exported checkpoint (a 4-bit layer of Llama-3-70B: 0.4 GB, not 0.8).
@@ -296,10 +300,11 @@ def _save_results(path: Path, results: dict[str, tuple[QuantizedWeight, dict]]) 
         meta[name] = {"scheme": asdict(qw.scheme), "info": qw.info, "stats": stats}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"modules": json.dumps(meta)})
+    apply_umask(tmp)
     os.replace(tmp, path)
 
 
-def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantizedWeight, dict]]:
+def load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantizedWeight, dict]]:
     """The results of one layer file, in the form a run holds them (packed below 8 bits)."""
     out = {}
     with safe_open(str(path), "pt") as f:
@@ -314,7 +319,3 @@ def _load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantiz
                 qw = QuantizedWeight(unpack_int32(packed, scheme.bits, columns), **parts, scheme=scheme, info=m["info"])
             out[name] = (qw, m["stats"])
     return out
-
-
-
-

@@ -8,12 +8,14 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO_ROOT
+from fabricq.config import recipe_spelling
 
 
 def compose_config(*overrides: str):
-    """The config `python -m fabricq OVERRIDES` would run with (`recipe=` spelled `+recipe=`)."""
+    """The config `python -m fabricq OVERRIDES` would run with (`+recipe=` read as `recipe=`, as
+    the command line does)."""
     with initialize_config_dir(version_base=None, config_dir=str(REPO_ROOT / "conf")):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=[recipe_spelling(o) for o in overrides])
 
 
 def run_app(*overrides: str) -> dict:

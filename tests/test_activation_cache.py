@@ -1,5 +1,6 @@
-"""The activation cache: budgets honoured, spilled batches read back exactly and in order, prefetch
-one step ahead (layers and batches), and the loop's results independent of where batches live."""
+"""The activation cache: budgets honoured, spilled batches read back exactly and in order, always
+prefetched one step ahead (layers and batches), and the loop's results independent of where
+batches live."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ def batches(n: int) -> list[torch.Tensor]:
 BATCH_BYTES = 2 * 16 * 32 * 4
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_budget_then_spill_read_back_in_order(tmp_path, prefetch):
+def test_budget_then_spill_read_back_in_order(tmp_path):
     spill = tmp_path / "spill"
-    cache = ActivationCache("cpu", host_bytes=2 * BATCH_BYTES, spill_dir=spill, prefetch=prefetch)
+    cache = ActivationCache("cpu", host_bytes=2 * BATCH_BYTES, spill_dir=spill)
     data = batches(5)
     stage = cache.new_stage()
     for x in data:
@@ -54,28 +54,43 @@ def test_budget_then_spill_read_back_in_order(tmp_path, prefetch):
     assert not spill.exists()
 
 
-def test_next_batch_is_fetched_before_the_current_one_is_used(tmp_path):
-    cache = ActivationCache("cpu", host_bytes=0, spill_dir=tmp_path, prefetch=True)
+def test_next_batch_is_fetched_before_the_current_one_is_used(tmp_path, monkeypatch):
+    import threading
+
+    import fabricq.calibration.cache
+
+    cache = ActivationCache("cpu", host_bytes=0, spill_dir=tmp_path)
     stage = cache.new_stage()
-    for x in batches(3):
+    data = batches(3)
+    for x in data:
         stage.append(x)
-    events = []
-    fetch = cache._fetch
-    cache._fetch = lambda entry: (events.append(f"fetch{stage.entries.index(entry)}"), fetch(entry))[1]
-    for b, _ in enumerate(stage):
-        cache._prefetcher.submit(lambda: None).result()  # let the queued fetch finish
+    events, opened = [], [threading.Event() for _ in data]
+    real_open = fabricq.calibration.cache.safe_open
+
+    def recording_open(path, *args, **kwargs):  # spilled batch files are named …-bNNNNN.safetensors
+        b = int(Path(path).stem.rsplit("-b", 1)[1])
+        events.append(f"fetch{b}")
+        opened[b].set()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fabricq.calibration.cache, "safe_open", recording_open)
+    for b, x in enumerate(stage):
+        if b + 1 < len(data):  # without prefetch, nothing would open the next file meanwhile
+            assert opened[b + 1].wait(timeout=10), f"batch {b + 1} was not fetched while batch {b} was in use"
+        assert torch.equal(x, data[b])
         events.append(f"use{b}")
     assert events == ["fetch0", "fetch1", "use0", "fetch2", "use1", "use2"]
     cache.close()
 
 
 def test_loop_results_do_not_depend_on_where_batches_live(tmp_path):
-    """Same layer inputs (bit for bit) with everything in memory and with all but one batch on disk."""
+    """Same layer inputs (bit for bit) with everything in memory, with two batches in memory and
+    the rest on disk, and with every batch on disk."""
     seen = {}
     for name, cache in [
         ("memory", None),
-        ("spill", ActivationCache("cpu", host_bytes=2 * 16 * 32 * 4, spill_dir=tmp_path, prefetch=True)),
-        ("no-prefetch", ActivationCache("cpu", host_bytes=0, spill_dir=tmp_path, prefetch=False)),
+        ("spill", ActivationCache("cpu", host_bytes=2 * 16 * 32 * 4, spill_dir=tmp_path)),
+        ("disk", ActivationCache("cpu", host_bytes=0, spill_dir=tmp_path)),
     ]:
         recorder = Recorder()
         loop = CalibrationLoop(tiny_llama(), SAMPLES, device="cpu", batch_size=2, callbacks=[recorder], cache=cache)
@@ -83,7 +98,7 @@ def test_loop_results_do_not_depend_on_where_batches_live(tmp_path):
         seen[name] = recorder.layer_inputs
         if cache is not None:
             assert cache.spilled_batches > 0 and cache.used["disk"] == 0
-    for name in ("spill", "no-prefetch"):
+    for name in ("spill", "disk"):
         for layer in range(3):
             assert all(torch.equal(a, b) for a, b in zip(seen["memory"][layer], seen[name][layer]))
 
@@ -99,8 +114,8 @@ def test_next_layer_prefetched_and_at_most_two_layers_onloaded(monkeypatch):
         """Logs each layer load when it is requested (the load itself runs on a thread, whose
         start the scheduler may delay past the layer's end on a busy machine)."""
 
-        def __init__(self, enabled, name):
-            super().__init__(enabled, name)
+        def __init__(self, name):
+            super().__init__(name)
             self.loads_layers = name == "fabricq-layer"
             self.requests = 0
 
@@ -140,8 +155,7 @@ def test_budget_errors():
     check_budgets(BATCH_BYTES, None, BATCH_BYTES / MIB, "b")
     with pytest.raises(FabricqError, match=r"cache.host_mib=0.001 cannot hold one batch of hidden states \(2 × 16 × 32"):
         check_budgets(BATCH_BYTES, None, 0.001, "2 × 16 × 32 float32")
-    with pytest.raises(FabricqError, match="cache.device_mib must be a number of MiB"):
-        check_budgets(BATCH_BYTES, -1, None, "b")
+    # A budget's type and sign are checked by the config schema (tests/test_config.py).
 
 
 def test_spill_dir_errors(tmp_path):
@@ -162,7 +176,7 @@ def test_app_refuses_bad_budget_and_spill_dir_before_loading_the_model(tmp_path,
 
     monkeypatch.setattr(fabricq.app, "load_model", no_loading)
     model = shared_path("models", "stories260k")
-    base = ["+recipe=gptq_w4", f"model.path={model}", "data.num_samples=8", "data.seq_len=64",
+    base = ["recipe=gptq_w4", f"model.path={model}", "data.num_samples=8", "data.seq_len=64",
             "data.batch_size=4", "eval.seq_len=64", f"output_dir={tmp_path / 'out'}"]
     with pytest.raises(FabricqError, match="quant.true_sequential=true holds every batch's activations"):
         run_app(*base, "cache.host_mib=1")  # the one-forward mode cannot honour a budget

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import fabricq.callbacks.gptq as callbacks
+import fabricq.callbacks.gptq as gptq_callback
 from fabricq.callbacks.base import Callback
 from fabricq.calibration.loop import CalibrationLoop, StopLayerForward
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
@@ -12,11 +12,11 @@ from fabricq.quant.grid import QuantScheme
 from test_calibration import SAMPLES, tiny_llama
 
 
-SHARED_INPUT_HESSIANS = callbacks.SharedInputHessians
+SHARED_INPUT_HESSIANS = gptq_callback.SharedInputHessians
 
 
 def _gptq_run(monkeypatch, stop_early: bool):
-    monkeypatch.setattr(callbacks, "SharedInputHessians",
+    monkeypatch.setattr(gptq_callback, "SharedInputHessians",
                         lambda *args, **kwargs: SHARED_INPUT_HESSIANS(*args, **{**kwargs, "stop_early": stop_early}))
     model = tiny_llama()
     gptq = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 16, True, "static")))

@@ -118,23 +118,26 @@ def test_overwrite_replaces_output_with_rtn(tiny_run, tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["+recipe=gptq_w5"], "Could not find 'recipe/gptq_w5'"),
-        (["quant.bitz=3"], "Key 'bitz' is not in struct"),
+        (["+recipe=gptq_w5"], "recipe=gptq_w5: there is no such recipe (available: gptq_w3, gptq_w4, gptq_w4_asym, "
+                              "gptq_w8, rtn_w4)"),
+        (["quant.bitz=3"], "unknown setting quant.bitz: the quant settings are method, bits, group_size, symmetric, "
+                           "actorder, damp, block_size, hessian_dtype, true_sequential, ignore"),
         (["quant.bits=5"], "quant.bits must be one of (2, 3, 4, 8), got 5"),
-        (["quant.group_size=0"], "quant.group_size must be a positive integer or -1"),
-        (["quant.actorder=random"], "quant.actorder must be one of"),
+        (["quant.group_size=0"], "quant.group_size must be a positive integer or -1 (per-channel), got 0"),
+        (["quant.actorder=random"], "quant.actorder must be one of ('none', 'static', 'dynamic'), got 'random'"),
         (["model.path=/nonexistent/model"], "model.path does not exist: /nonexistent/model"),
-        (["data.path=/nonexistent/text.txt"], "data.path does not exist"),
-        (["pipeline.lag=2"], "pipeline.lag must be 0 or 1, got 2"),
-        (["pipeline.lag=1"], "set quant.true_sequential=false with pipeline.lag=1"),
-        (["trainer.solve_window=2"], "trainer.solve_window=2 needs pipeline.lag=1"),
+        (["data.path=/nonexistent/text.txt"], "data.path does not exist or is not a file: /nonexistent/text.txt"),
+        (["pipeline.lag=1"], "pipeline.lag was removed (every layer is calibrated on the quantized outputs of the "
+                             "layer before it): drop it from the command line"),
+        (["trainer.solve_window=2"], "trainer.solve_window was removed (it only applied to the lagged pipeline, "
+                                     "which is gone): drop it from the command line"),
         (["cache.heap=small"], "cache.heap must be one of ('compact', 'fast'), got 'small'"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
     result = run_cli("+recipe=gptq_w4", f"output_dir={tmp_path / 'out'}", *args)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == f"fabricq: error: {message}\n"  # one line, nothing else
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

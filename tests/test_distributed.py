@@ -20,9 +20,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, run_cli
-from fabricq.parallel.plan import CostModel, SolveTask, assign_to_ranks, assign_with_backlog, local_samples, makespan, shard_batches, solve_cost, split_rows, split_stacked_rows
-from fabricq.runtime import config_digest, solve_window_of, validate_trainer
-from fabricq.parallel.exchange import pack_upper, unpack_upper
+from fabricq.parallel.plan import CostModel, SolveTask, assign_to_ranks, local_samples, makespan, shard_batches, solve_cost, split_rows, split_stacked_rows
+from fabricq.runtime import config_digest
 from fabricq.errors import FabricqError
 from fabricq.quant.packing import unpack_int32
 
@@ -71,27 +70,6 @@ def test_assignment_beyond_exact_limit_is_lpt_and_deterministic():
     total = sum(costs)
     # LPT bound: makespan ≤ 4/3 of the optimum, which is ≥ total/ranks.
     assert makespan(costs, owners, 4) <= 4 / 3 * max(total / 4, max(costs)) + 1e-9
-
-
-def test_backlog_plan_balances_the_run_where_per_layer_plans_cannot():
-    """A layer of one dominant group (down_proj-like, 8) and two small ones (1 each) on 2 ranks:
-    any per-layer plan waits 8 per layer; carrying the backlog, the big group alternates and
-    every rank ends with half the run's work."""
-    layer = [8.0, 1.0, 1.0]
-    loads = [0.0, 0.0]
-    owners = [assign_with_backlog(layer, loads) for _ in range(6)]
-    assert [o[0] for o in owners] == [0, 1, 0, 1, 0, 1]
-    assert loads == [30.0, 30.0]
-    assert 6 * makespan(layer, assign_to_ranks(layer, 2), 2) == 48.0
-    # Random layers: the run never exceeds its ideal by more than the largest task so far, and every
-    # rank that plans from the same loads gets the same owners.
-    rng = random.Random(1)
-    loads, again, largest = [0.0] * 4, [0.0] * 4, 0.0
-    for _ in range(40):
-        costs = [rng.uniform(0.1, 5.0) for _ in range(rng.randint(1, 6))]
-        largest = max(largest, *costs)
-        assert assign_with_backlog(costs, loads) == assign_with_backlog(costs, again)
-        assert max(loads) <= sum(loads) / 4 + largest + 1e-9
 
 
 @pytest.mark.parametrize("rows, parts", [(576, 2), (577, 3), (1536, 8), (64, 3), (172, 3), (1, 2)])
@@ -151,15 +129,6 @@ def _check_row_slices(dtype, rows, cols, group, actorder):
         assert all(torch.equal(p.g_idx, whole.g_idx) for p in pieces)
 
 
-def test_solve_window_resolves_and_needs_a_lag():
-    assert solve_window_of(_trainer(devices=4, cpu_oversubscribe=True), lag=1) == 4
-    assert solve_window_of(_trainer(devices=4, cpu_oversubscribe=True), lag=0) == 0
-    assert solve_window_of(_trainer(devices=2, solve_window=7), lag=1) == 7
-    assert solve_window_of(_trainer(devices=2, solve_window=0), lag=0) == 0
-    with pytest.raises(FabricqError, match="trainer.solve_window=3 needs pipeline.lag=1"):
-        solve_window_of(_trainer(devices=2, solve_window=3), lag=0)
-
-
 def test_cost_model_factorises_once_per_group_and_uses_measurements():
     qkv = SolveTask(cols=64, rows=(64, 32, 32))
     down = SolveTask(cols=172, rows=(64,))
@@ -171,23 +140,11 @@ def test_cost_model_factorises_once_per_group_and_uses_measurements():
     assert model.in_seconds and model.predict(qkv) == pytest.approx(0.3)
     # Unseen shapes: analytic cost scaled by the measured seconds per analytic unit.
     assert model.predict(down) == pytest.approx(solve_cost(down) * 0.3 / solve_cost(qkv))
-    assert CostModel(use_measurements=False).predict(qkv) == solve_cost(qkv)
 
 
-def test_upper_triangle_round_trip():
-    x = torch.randn(50, 7, dtype=torch.float64)
-    h = x.T @ x
-    h = (h + h.T) / 2
-    flat = pack_upper(h)
-    assert flat.numel() == 7 * 8 // 2
-    assert torch.equal(unpack_upper(flat, 7), h)
-
-
-@pytest.mark.parametrize("upper_triangle", [False, True])
-def test_raw_sums_from_ranks_add_up_to_the_full_hessian(upper_triangle):
-    """Ranks send their raw sums (wide inputs accumulate only the lower triangle, in strips):
-    the total, mirrored once where it is read, is the Hessian of all their tokens."""
-    from fabricq.parallel.exchange import reduction_payload
+def test_partial_sums_from_ranks_add_up_to_the_full_hessian():
+    """Ranks add up their partial sums (wide inputs accumulate only the lower triangle, in strips)
+    in place; the total, mirrored once where it is read, is the Hessian of all their tokens."""
     from fabricq.quant.hessian import HessianAccumulator
 
     g = torch.Generator().manual_seed(0)
@@ -196,56 +153,182 @@ def test_raw_sums_from_ranks_add_up_to_the_full_hessian(upper_triangle):
     for acc, x in zip(ranks, parts):
         acc.add(x)
     owner = ranks[0]
-    payloads = [reduction_payload(acc, upper_triangle) for acc in ranks]
-    total = payloads[0] + payloads[1]  # what a reduce to the owner computes
-    if upper_triangle:
-        owner.sum = unpack_upper(total, 300)
-    else:
-        owner.raw.copy_(total)  # in place, as the collective writes it
+    owner.partial_sum.add_(ranks[1].partial_sum)  # what a reduce to the owner computes, in place
+    owner.install_total(110)
     expected = sum(x.double().T @ x.double() for x in parts)
+    assert owner.tokens == 110
     assert torch.allclose(owner.sum.double(), expected, rtol=1e-5, atol=1e-3)
     assert torch.equal(owner.sum, owner.sum.T)
+    assert torch.allclose(owner.mean().double(), expected / 110, rtol=1e-5, atol=1e-5)
 
 
-def _trainer(**kw):
-    base = dict(accelerator="cpu", devices=1, num_nodes=1, strategy="auto", timeout_s=600,
-                cpu_oversubscribe=False, hessian_upper_triangle=False, balance="measured", solve_window="auto")
-    return OmegaConf.create({**base, **kw})
+def _launch_settings(overrides: list[str], environ: dict):
+    """The checked settings of `python -m fabricq data.num_samples=16 data.batch_size=4 OVERRIDES`
+    launched in `environ` (4 calibration batches)."""
+    from fabricq.config import load_settings
+    from in_process import compose_config
+
+    return load_settings(compose_config("data.num_samples=16", "data.batch_size=4", *overrides), environ=environ)
 
 
-DATA = OmegaConf.create(dict(num_samples=16, batch_size=4))
+OVERSUBSCRIBE = "distributed.cpu_oversubscribe=true"
 
 
-@pytest.mark.parametrize("trainer,environ,message", [
-    (dict(strategy="horovod"), {}, "trainer.strategy must be one of"),
-    (dict(devices=os.cpu_count() + 1), {}, "usable CPU core"),
-    (dict(devices=0), {}, "trainer.devices must be a positive integer"),
-    (dict(num_nodes=2), {}, "needs a multi-node launch"),
-    (dict(num_nodes=2), {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, "NODE_RANK"),
-    (dict(devices=2, cpu_oversubscribe=True), {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"}, "torchrun started 4"),
-    (dict(devices=5, cpu_oversubscribe=True), {}, "only 4 calibration batches"),
-    (dict(timeout_s=0), {}, "trainer.timeout_s"),
-    (dict(strategy="fsdp"), {}, "fsdp needs CUDA"),
-    (dict(solve_window=-1), {}, "trainer.solve_window must be auto or a whole number"),
-    (dict(solve_window="wide"), {}, "trainer.solve_window must be auto or a whole number"),
+@pytest.mark.parametrize("overrides,environ,message", [
+    (["trainer.strategy=horovod"], {}, "trainer.strategy must be one of"),
+    ([f"trainer.devices={os.cpu_count() + 1}"], {}, "usable CPU core"),
+    (["trainer.devices=0"], {}, "trainer.devices must be a positive integer"),
+    (["trainer.num_nodes=2"], {}, "needs a multi-node launch"),
+    (["trainer.num_nodes=2"], {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}, "NODE_RANK"),
+    (["trainer.devices=2", OVERSUBSCRIBE], {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"}, "torchrun started 4"),
+    (["trainer.devices=5", OVERSUBSCRIBE], {}, "only 4 calibration batches"),
+    (["distributed.timeout_s=0"], {}, "distributed.timeout_s"),
+    (["trainer.strategy=fsdp"], {}, "fsdp needs CUDA"),
 ])
-def test_bad_trainer_settings(trainer, environ, message):
+def test_bad_launch_settings(overrides, environ, message):
     with pytest.raises(FabricqError, match=message):
-        validate_trainer(_trainer(**trainer), DATA, environ=environ)
+        _launch_settings(overrides, environ)
 
 
-def test_good_trainer_settings_pass():
-    validate_trainer(_trainer(devices=1, strategy="ddp"), DATA, environ={})
-    validate_trainer(_trainer(devices=2, num_nodes=2, cpu_oversubscribe=True), DATA,
-                     environ={"MASTER_ADDR": "h", "MASTER_PORT": "1", "NODE_RANK": "0"})
-    validate_trainer(_trainer(devices=2, num_nodes=2, cpu_oversubscribe=True), DATA,
-                     environ={"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"})
+def test_good_launch_settings_pass():
+    _launch_settings(["trainer.devices=1", "trainer.strategy=ddp"], {})
+    _launch_settings(["trainer.devices=2", "trainer.num_nodes=2", OVERSUBSCRIBE],
+                     {"MASTER_ADDR": "h", "MASTER_PORT": "1", "NODE_RANK": "0"})
+    _launch_settings(["trainer.devices=2", "trainer.num_nodes=2", OVERSUBSCRIBE],
+                     {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "4"})
 
 
 def test_config_digest_ignores_output_dir_only():
     a = OmegaConf.create({"output_dir": "a", "quant": {"bits": 4}})
     assert config_digest(a) == config_digest(OmegaConf.create({"output_dir": "b", "quant": {"bits": 4}}))
     assert config_digest(a) != config_digest(OmegaConf.create({"output_dir": "a", "quant": {"bits": 8}}))
+
+
+# --------------------------------------------------------------------------------------------
+# The multi-rank solvers on two processes (gloo), against LocalSolver
+# --------------------------------------------------------------------------------------------
+
+# A synthetic layer: q/k/v read one input (96 wide; 192 + 64 + 64 rows, so row slices of 64
+# rows cut q in two), o another (192 wide, 96 rows).
+SHAPES = {"q": (96, 192), "k": (96, 64), "v": (96, 64), "o": (192, 96)}
+# Solve steps per scenario: one group per gate (row slices; k and v find q's total on every rank),
+# a layer's end (owners), and owners then row slices (k/v's total on one rank, broadcast from it).
+SCENARIOS = {
+    "gated": [[["q"]], [["k"]], [["v"]], [["o"]]],
+    "layer": [[["q", "k", "v"], ["o"]]],
+    "owners_then_slices": [[["q"], ["o"]], [["k", "v"]]],
+}
+SOLVER_SETTINGS = dict(block_size=32, hessian_dtype=torch.float64)
+
+
+def _synthetic_layer(batches: range):
+    from fabricq.callbacks.hessians import SharedInputHessians
+
+    torch.manual_seed(0)
+    modules = {n: torch.nn.Linear(i, o, bias=False) for n, (i, o) in SHAPES.items()}
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, 24, 96, generator=g) for _ in range(5)]
+    hessians = SharedInputHessians(modules, torch.float64, stop_early=False)
+    with torch.no_grad():
+        for b in batches:
+            x = inputs[b]
+            for name in ("q", "k", "v"):
+                modules[name](x)
+            modules["o"](torch.tanh(torch.cat([x, x * 0.5], dim=-1)))
+            hessians.end_batch()
+    return modules, hessians
+
+
+def _solve_scenario(solver, steps, batches: range) -> dict:
+    from fabricq.callbacks.gptq import GPTQCallback
+    from fabricq.callbacks.solver import GPTQSettings, LayerState
+    from fabricq.quant.grid import QuantScheme
+
+    settings = GPTQSettings(scheme=QuantScheme(4, 32, False, "static"), **SOLVER_SETTINGS)
+    modules, hessians = _synthetic_layer(batches)
+    gptq = GPTQCallback(settings, solver=solver(settings))
+    state = LayerState(0, modules, hessians)
+    for groups in steps:
+        gptq.solve_step(state, groups)
+    return {"parts": {n: {p: getattr(q, p) for p in ("codes", "scale", "zero", "g_idx")} for n, q in gptq.quantized.items()},
+            "weights": {n: m.weight.detach().clone() for n, m in modules.items()},
+            "loss": {n: s["loss"] for n, s in gptq.stats.items()}, "report": gptq.solver.report}
+
+
+def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from fabricq.parallel.solvers import make_solver
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mine = shard_batches(5, world)[rank]
+        results = {name: _solve_scenario(lambda s: make_solver(s, world, rank, "cpu"), steps, mine)
+                   for name, steps in SCENARIOS.items()}
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_solves(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    folder = tmp_path_factory.mktemp("solvers")
+    mp.spawn(_rank_main, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_rank_solvers_match_local_solver_bit_for_bit(two_rank_solves, scenario):
+    """Every rank ends with the one-rank results: codes, scales, zeros, g_idx, the installed
+    weights and the objectives (row slices: summed over the slices)."""
+    from fabricq.callbacks.solver import LocalSolver
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = _solve_scenario(LocalSolver, SCENARIOS[scenario], range(5))
+    finally:
+        torch.set_num_threads(threads)
+    for rank, runs in enumerate(two_rank_solves):
+        got = runs[scenario]
+        assert list(got["parts"]) == list(local["parts"]) == [n for step in SCENARIOS[scenario] for g in step for n in g]
+        for name, parts in local["parts"].items():
+            for part, tensor in parts.items():
+                assert torch.equal(got["parts"][name][part], tensor), (rank, name, part)
+            assert torch.equal(got["weights"][name], local["weights"][name]), (rank, name)
+            assert got["loss"][name] == pytest.approx(local["loss"][name], rel=1e-9, abs=1e-12), (rank, name)
+
+
+def test_two_rank_solvers_report_each_step(two_rank_solves):
+    gated = two_rank_solves[0]["gated"]["report"]
+    layer = two_rank_solves[0]["layer"]["report"]
+    mixed = two_rank_solves[0]["owners_then_slices"]["report"]
+    for report in (gated, layer, mixed):
+        assert report["world_size"] == 2 and len(report["layers"]) == 1
+        entry = report["layers"][0]
+        assert set(entry["phases_s"]) == {"arrival", "reduce", "solve", "results", "metadata", "install"}
+        assert sum(entry["phases_s"].values()) <= entry["wall_s"] + 1e-3
+    # Gates: q split over both ranks (64-row units: 1 and 2), k and v (one unit) whole on rank 1;
+    # q/k/v's Hessian is all-reduced once (both ranks send their 96×96 float64 sums), o's once.
+    steps = gated["layers"][0]
+    assert steps["steps"] == 4
+    assert [(g["modules"], g["owner"], g.get("rows_slice")) for g in steps["groups"]] == [
+        (["q"], 0, [[0, 64]]), (["q"], 1, [[64, 192]]), (["k"], 1, None), (["v"], 1, None),
+        (["o"], 0, [[0, 64]]), (["o"], 1, [[64, 96]])]
+    assert gated["bytes_sent"]["hessian_reduce"] == (96 * 96 + 192 * 192) * 8
+    # A layer's end: one owner per group, each total reduced to its owner only.
+    groups = layer["layers"][0]["groups"]
+    assert [g["modules"] for g in groups] == [["q", "k", "v"], ["o"]] and {g["owner"] for g in groups} == {0, 1}
+    sent = sum(r["layer"]["report"]["bytes_sent"]["hessian_reduce"] for r in two_rank_solves)
+    assert sent == (96 * 96 + 192 * 192) * 8  # each rank sent the sum the other one owns
+    # q and o on different owners, each sent the other's partial sum; then k/v's total (q's) sits
+    # with q's owner alone, which broadcasts it for the row slices.
+    owner_of_q = next(g["owner"] for g in mixed["layers"][0]["groups"] if g["modules"] == ["q"])
+    sent = [two_rank_solves[r]["owners_then_slices"]["report"]["bytes_sent"]["hessian_reduce"] for r in range(2)]
+    assert sent[owner_of_q] == (192 * 192 + 96 * 96) * 8 and sent[1 - owner_of_q] == 96 * 96 * 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +343,7 @@ def _small(shared_path):
         f"data.path={shared_path('data', 'tinystories-sample.txt')}",
         "data.num_samples=13", "data.seq_len=64", "data.batch_size=2",
         "eval.seq_len=64", "eval.max_windows=3", "eval.kl_windows=2",
-        "trainer.cpu_oversubscribe=true", "trainer.timeout_s=60",
+        OVERSUBSCRIBE, "distributed.timeout_s=60",
     ]
 
 
@@ -269,6 +352,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _assert_identical(a: Path, b: Path) -> None:
+    calibrated = [json.loads((d / "report.json").read_text())["calibration"]["sha256"] for d in (a, b)]
+    assert calibrated[0] == calibrated[1], "the runs calibrated on different tokens"
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
     differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
@@ -279,7 +364,7 @@ def _assert_identical(a: Path, b: Path) -> None:
 def one_rank_runs(shared_path, tmp_path_factory):
     """One rank, float32 and float64 Hessians (a one-process multirun)."""
     sweep = tmp_path_factory.mktemp("one_rank")
-    result = run_cli("-m", "+recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float32,float64",
+    result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float32,float64",
                      f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"float32": sweep / "0", "float64": sweep / "1"}
@@ -287,10 +372,11 @@ def one_rank_runs(shared_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def multirun_2_and_3_ranks(shared_path, tmp_path_factory):
-    """`-m trainer.devices=2,3` with float64 Hessians: two jobs of several ranks each."""
+    """`-m trainer.devices=2,3` with float64 Hessians: two jobs of several ranks each (evaluated
+    like the one-rank runs: the text held out for evaluation is not calibrated on)."""
     sweep = tmp_path_factory.mktemp("sweep")
     result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
-                     "trainer.devices=2,3", "eval.enabled=false", f"hydra.sweep.dir={sweep}")
+                     "trainer.devices=2,3", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep
 
@@ -323,25 +409,26 @@ def test_float64_hessians_give_bit_identical_checkpoints_on_1_2_3_ranks(one_rank
     _assert_identical(reference, multirun_2_and_3_ranks / "1")
 
 
-def test_lagged_pipeline_on_2_ranks_matches_1_rank(shared_path, tmp_path):
-    """pipeline.lag=1 runs each layer's Hessian reductions and result broadcasts on a worker thread
-    while the next layer's forward runs, and on 2 ranks (solve window 2) each owner solves on a
-    thread of its own, publishing a layer two layers later: still bit-identical to one rank with
-    float64 Hessians."""
+def test_two_forward_mode_on_2_ranks_matches_1_rank_with_owners_solving_whole_groups(shared_path, tmp_path):
+    """quant.true_sequential=false: each layer's four groups are solved at its end by owners the
+    cost model picks (OwnerSolver), each Hessian reduced to its owner only. Bit-identical to one
+    rank with float64 Hessians; both ranks own groups, and later layers are planned in seconds."""
     result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
-                     "quant.true_sequential=false", "pipeline.lag=1", "trainer.devices=1,2",
-                     "eval.enabled=false", f"hydra.sweep.dir={tmp_path}")
+                     "quant.true_sequential=false", "trainer.devices=1,2", "eval.enabled=false",
+                     f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_identical(tmp_path / "0", tmp_path / "1")
     report = json.loads((tmp_path / "1" / "report.json").read_text())["distributed"]
     assert [layer["layer"] for layer in report["layers"]] == list(range(5))
-    # The solve window (auto: 2 ranks → 2 layers) planned the run, not each layer: both ranks
-    # solved, and their planned work differs by less than the largest group's.
-    window = report["solve_window"]
-    assert window["window"] == 2
-    assert all(s > 0 for s in window["solve_s_per_rank"])
-    largest = max(g["planned"] for layer in report["layers"] for g in layer["groups"])
-    assert max(window["planned_per_rank"]) - min(window["planned_per_rank"]) <= largest
+    for layer in report["layers"]:
+        assert layer["steps"] == 1 and len(layer["groups"]) == 4
+        assert all("rows_slice" not in g for g in layer["groups"])  # whole groups, one owner each
+        assert {g["owner"] for g in layer["groups"]} == {0, 1}
+    assert report["layers"][0]["planned_unit"].startswith("analytic")
+    assert all(layer["planned_unit"] == "s" for layer in report["layers"][1:])
+    # Hessians went to owners only: a rank sent the sums of the groups the other rank owns.
+    per_layer = (3 * 64 * 64 + 172 * 172) * 8  # float64
+    assert 0 < report["bytes_sent"]["hessian_reduce"] < 2 * 5 * per_layer
 
 
 PROBE = """
@@ -359,14 +446,16 @@ def recording_save(*args, **kwargs):
 
 fabricq.export.save_compressed_checkpoint = recording_save
 fail_rank = os.environ.get("PROBE_FAIL_RANK")
-solve = fabricq.parallel.solvers.DistributedGPTQCallback.solve_modules
+import fabricq.callbacks.solver
+import torch.distributed
+solve = fabricq.callbacks.solver.GroupQuantizer.solve
 
 def failing_solve(self, names, weights, hessians):
-    if str(self.rank) == fail_rank and any("layers.1." in name for name in names):
+    if str(torch.distributed.get_rank()) == fail_rank and any("layers.1." in name for name in names):
         raise RuntimeError("injected failure")
     return solve(self, names, weights, hessians)
 
-fabricq.parallel.solvers.DistributedGPTQCallback.solve_modules = failing_solve
+fabricq.callbacks.solver.GroupQuantizer.solve = failing_solve
 main()
 """
 
@@ -395,15 +484,15 @@ def _free_port() -> int:
 
 def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_runs, shared_path, tmp_path):
     """Two "machines" (one rank each) started by hand the way the README says: MASTER_ADDR,
-    MASTER_PORT and NODE_RANK on each, trainer.num_nodes=2. Only upper triangles travel."""
+    MASTER_PORT and NODE_RANK on each, trainer.num_nodes=2."""
     out = tmp_path / "out"
     port = str(_free_port())
     procs = []
     for node in (0, 1):
         env = _probe_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node))
         procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "probe.py"), "+recipe=gptq_w4", *_small(shared_path),
-             "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp", "trainer.hessian_upper_triangle=true",
+            [sys.executable, str(tmp_path / "probe.py"), "recipe=gptq_w4", *_small(shared_path),
+             "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp",
              f"output_dir={out}", f"hydra.run.dir={tmp_path / f'h{node}'}"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -426,14 +515,20 @@ def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_r
     for name, stats in ref_report["modules"].items():
         assert report["modules"][name]["loss"] == pytest.approx(stats["loss"], rel=1e-3), name
         assert report["modules"][name]["tokens"] == stats["tokens"] == 13 * 64
-    # Only upper triangles travelled: 64·65/2 and 172·173/2 floats per group, 3 + 1 groups per
-    # layer; a true-sequential gate (one group, fewer than ranks) splits rows and all-reduces
-    # the group's Hessian: each of the 2 ranks sends its triangle.
-    assert report["distributed"]["upper_triangle"]
-    per_layer = (3 * 64 * 65 // 2 + 172 * 173 // 2) * 4
-    sent = report["distributed"]["bytes_sent"]["hessian_reduce"]
-    assert sent == 2 * 5 * per_layer
-    assert sent < 2 * 5 * (3 * 64 * 64 + 172 * 172) * 4  # less than the full matrices would have been
+    # Every step is a true-sequential gate (one group, fewer than ranks): its rows are split and
+    # the group's Hessian all-reduced, each of the 2 ranks sending its full float32 sum once per
+    # group (q/k/v, o, gate/up: 64 columns; down: 172) and layer.
+    per_layer = (3 * 64 * 64 + 172 * 172) * 4
+    assert report["distributed"]["bytes_sent"]["hessian_reduce"] == 2 * 5 * per_layer
+    layers = report["distributed"]["layers"]
+    assert [layer["steps"] for layer in layers] == [7, 4, 4, 4, 4]  # layer 0 learns the groups module by module
+    for layer in layers:  # both ranks solved, and every row of the layer's 7 modules exactly once
+        assert {g["owner"] for g in layer["groups"]} == {0, 1}
+        covered: dict[str, list[int]] = {}
+        for g in layer["groups"]:
+            for name, (start, stop) in zip(g["modules"], g.get("rows_slice") or [[0, r] for r in g["rows"]]):
+                covered.setdefault(name, []).extend(range(start, stop))
+        assert len(covered) == 7 and all(sorted(rows) == list(range(len(rows))) for rows in covered.values())
     # Evaluation sharded over the ranks gives the one-rank numbers.
     assert report["ppl_before"] == pytest.approx(ref_report["ppl_before"], rel=1e-9)
     assert report["eval_tokens"] == ref_report["eval_tokens"]
@@ -442,7 +537,7 @@ def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_r
 
 def test_a_failing_rank_is_named_and_the_run_stops(shared_path, tmp_path):
     out = tmp_path / "out"
-    result, seconds = _run_probe(tmp_path, ["+recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+    result, seconds = _run_probe(tmp_path, ["recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
                                             "eval.enabled=false", f"output_dir={out}"], fail_rank="1", timeout=240)
     assert result.returncode != 0
     assert "fabricq: error: rank 1/2: failed: RuntimeError: injected failure" in result.stderr
@@ -458,7 +553,7 @@ def test_mismatched_configs_across_ranks_are_refused(shared_path, tmp_path):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "NODE_RANK": "0"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fabricq", "+recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+            [sys.executable, "-m", "fabricq", "recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
              f"quant.bits={bits}", "eval.enabled=false", f"output_dir={tmp_path / 'out'}"],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=240) for p in procs]
@@ -471,8 +566,8 @@ def test_mismatched_configs_across_ranks_are_refused(shared_path, tmp_path):
 
 
 def test_bad_distributed_input_fails_before_launch():
-    result = run_cli("+recipe=gptq_w4", "trainer.strategy=horovod", timeout=120)
+    result = run_cli("recipe=gptq_w4", "trainer.strategy=horovod", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fabricq: error: trainer.strategy must be one of")
-    result = run_cli("+recipe=gptq_w4", "trainer.num_nodes=2", timeout=120)
+    result = run_cli("recipe=gptq_w4", "trainer.num_nodes=2", timeout=120)
     assert result.returncode == 2 and "needs a multi-node launch" in result.stderr

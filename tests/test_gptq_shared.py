@@ -1,6 +1,7 @@
 """One Hessian preparation shared by the modules reading the same input (q/k/v, gate/up) gives,
-bit for bit, what solving each module alone gives: the pure functions, and GPTQCallback's layer
-solve (sequential and threaded) against a per-module `gptq_quantize` with the old statistics."""
+bit for bit, what solving each module alone gives: the pure functions, and a layer's solve step
+by GPTQCallback's LocalSolver (sequential and threaded) against a per-module `gptq_quantize` with
+the old statistics."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import fabricq.callbacks.gptq as callbacks
-from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings, LayerState
+import fabricq.callbacks.solver as solver_module
+from fabricq.callbacks.gptq import GPTQCallback
+from fabricq.callbacks.solver import GPTQSettings, LayerState
 from fabricq.callbacks.hessians import SharedInputHessians
 from fabricq.quant.gptq import gptq_quantize, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme
@@ -101,15 +103,17 @@ def test_layer_solve_prepares_each_group_once_and_matches_per_module_solves(solv
     settings = GPTQSettings(scheme=QuantScheme(4, 32, False, "static"), block_size=32, solve_threads=solve_threads)
 
     calls, solves = [], []
-    real_prepare, real_solve = callbacks.prepare_hessian, callbacks.gptq_solve
-    monkeypatch.setattr(callbacks, "prepare_hessian", lambda h, *a, **k: calls.append(h.shape) or real_prepare(h, *a, **k))
-    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
+    real_prepare, real_solve = solver_module.prepare_hessian, solver_module.gptq_solve
+    monkeypatch.setattr(solver_module, "prepare_hessian", lambda h, *a, **k: calls.append(h.shape) or real_prepare(h, *a, **k))
+    monkeypatch.setattr(solver_module, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
     callback = GPTQCallback(settings)
-    callback._layers[0] = LayerState(0, modules, hessians)
-    callback.on_layer_end(None, 0, None)
+    quantizer = callback.solver.quantizer
+    callback.solve_step(LayerState(0, modules, hessians), hessians.groups())
+    callback.close()
     assert sorted(calls) == [(64, 64), (COLS, COLS)]  # once per shared-input group
     assert sorted(solves) == [(COLS, 64), (64 + 32 + 32, COLS)]  # q, k, v solved stacked, in one column loop
-    assert callback._prepared == {}  # freed once every member had it
+    assert quantizer.prepared_groups == 0  # freed once every member had it
+    assert list(callback.quantized) == list(callback.stats) == ["q", "k", "v", "o"]  # module order, threads or not
     # Each module's result owns its tensors (a checkpoint writer refuses shared memory).
     q, k = callback.quantized["q"], callback.quantized["k"]
     for part in ("packed_codes", "scale", "zero", "g_idx"):
@@ -118,7 +122,7 @@ def test_layer_solve_prepares_each_group_once_and_matches_per_module_solves(solv
     for name, module in modules.items():
         # main's per-module path: its own preparation, its own statistics
         h = hessians.hessian(name)
-        scheme = callback.scheme_for(module)
+        scheme = quantizer.scheme_for(module.in_features)
         alone = gptq_quantize(originals[name], h, scheme, block_size=32, damp=settings.damp, name=name)
         assert_same(callback.quantized[name], alone)
         assert torch.equal(module.weight.data, alone.dequantize())
@@ -134,15 +138,15 @@ def test_groups_over_the_stacking_limit_are_solved_in_batches_with_the_same_resu
     hessians = _calibrate(modules, batches)
     settings = GPTQSettings(scheme=QuantScheme(4, 32, True, "static"), block_size=32)
     solves = []
-    real_solve = callbacks.gptq_solve
-    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
-    monkeypatch.setattr(callbacks, "STACKED_SOLVE_ELEMENTS", (64 + 32) * COLS)  # q and k fit, v does not
+    real_solve = solver_module.gptq_solve
+    monkeypatch.setattr(solver_module, "gptq_solve", lambda w, *a, **k: solves.append(tuple(w.shape)) or real_solve(w, *a, **k))
+    monkeypatch.setattr(solver_module, "STACKED_SOLVE_ELEMENTS", (64 + 32) * COLS)  # q and k fit, v does not
     callback = GPTQCallback(settings)
-    callback._layers[0] = LayerState(0, modules, hessians)
-    callback.on_layer_end(None, 0, None)
+    callback.solve_step(LayerState(0, modules, hessians), hessians.groups())
     assert solves == [(64 + 32, COLS), (32, COLS), (COLS, 64)]
     for name in ("q", "k", "v"):
-        alone = gptq_quantize(originals[name], hessians.hessian(name), callback.scheme_for(modules[name]),
+        scheme = callback.solver.quantizer.scheme_for(modules[name].in_features)
+        alone = gptq_quantize(originals[name], hessians.hessian(name), scheme,
                               block_size=32, damp=settings.damp, name=name)
         assert_same(callback.quantized[name], alone)
 
@@ -151,13 +155,14 @@ def test_modules_of_another_dtype_are_not_stacked_with_the_others(monkeypatch):
     modules, batches = _layer(5)
     hessians = _calibrate(modules, batches)
     solves = []
-    real_solve = callbacks.gptq_solve
-    monkeypatch.setattr(callbacks, "gptq_solve", lambda w, *a, **k: solves.append((tuple(w.shape), w.dtype)) or real_solve(w, *a, **k))
-    callback = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 32, True, "static"), block_size=32))
+    real_solve = solver_module.gptq_solve
+    monkeypatch.setattr(solver_module, "gptq_solve", lambda w, *a, **k: solves.append((tuple(w.shape), w.dtype)) or real_solve(w, *a, **k))
+    settings = GPTQSettings(scheme=QuantScheme(4, 32, True, "static"), block_size=32)
+    quantizer = solver_module.GroupQuantizer(settings)
     weights = [modules["q"].weight.data, modules["k"].weight.data.double(), modules["v"].weight.data.double()]
-    solved = callback.solve_modules(["q", "k", "v"], weights, hessians)
+    solved = quantizer.solve(["q", "k", "v"], weights, hessians)
     assert solves == [((64, COLS), torch.float32), ((64, COLS), torch.float64)]  # q alone; k and v stacked
     for name, weight, (result, _, _) in zip(["q", "k", "v"], weights, solved):
-        alone = gptq_quantize(weight, hessians.hessian(name), callback.scheme_for(modules[name]), block_size=32,
-                              damp=callback.settings.damp, scale_dtype=weight.dtype, name=name)
+        alone = gptq_quantize(weight, hessians.hessian(name), quantizer.scheme_for(COLS), block_size=32,
+                              damp=settings.damp, scale_dtype=weight.dtype, name=name)
         assert_same(result, alone)

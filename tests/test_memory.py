@@ -100,7 +100,7 @@ def test_cache_heap_selects_the_heap_policy(heap, applied, tmp_path, shared_path
     monkeypatch.setattr(fabricq.app, "check_output_dir", stop)
     model = shared_path("models", "stories260k")
     with pytest.raises(RuntimeError, match="stop here"):
-        run_app("+recipe=gptq_w4", f"model.path={model}", f"cache.heap={heap}", f"output_dir={tmp_path / 'out'}")
+        run_app("recipe=gptq_w4", f"model.path={model}", f"cache.heap={heap}", f"output_dir={tmp_path / 'out'}")
     assert calls == (["policy"] if applied else [])
 
 

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from fabricq.calibration.loop import BatchCoroutine, CalibrationLoop
-
+from fabricq.calibration.gated import BatchCoroutine
+from fabricq.calibration.loop import CalibrationLoop
 from fabricq.callbacks.base import Callback
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.models import linear_modules
@@ -170,7 +170,7 @@ class _Block(torch.nn.Module):
 def test_output_adds_module_output_only_for_a_plain_last_projection():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from fabricq.calibration.loop import output_adds_module_output
+    from fabricq.calibration.gated import output_adds_module_output
 
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(4))
     plain, normed = _Block(post_norm=False), _Block(post_norm=True)
@@ -218,9 +218,9 @@ def test_batches_finish_the_layer_before_its_last_gate_is_quantized():
 
 def test_gated_forward_without_finishing_early_matches_the_reference(monkeypatch):
     """The general path (every batch pauses at every gate, e.g. a norm after the last Linear)."""
-    import fabricq.calibration.loop
+    import fabricq.calibration.gated
 
-    monkeypatch.setattr(fabricq.calibration.loop, "output_adds_module_output", lambda *a: False)
+    monkeypatch.setattr(fabricq.calibration.gated, "output_adds_module_output", lambda *a: False)
     expected = reference_true_sequential(tiny_llama(), batch_size=2)
     _, gptq = run_fabricq(true_sequential=True)
     for name, codes in expected.items():

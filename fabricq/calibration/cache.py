@@ -39,16 +39,12 @@ def mib(nbytes: float) -> float:
     return round(nbytes / MIB, 3)
 
 
-
-
 def check_budgets(batch_bytes: int, device_mib: float | None, host_mib: float | None, batch_desc: str) -> None:
     """A budget must be unlimited (None) or hold at least one batch: anything smaller could never
-    be used and is a mistake in the config."""
+    be used and is a mistake in the config. (Its type and sign are checked in fabricq.config.)"""
     for field, budget in (("cache.device_mib", device_mib), ("cache.host_mib", host_mib)):
         if budget is None:
             continue
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
-            raise FabricqError(f"{field} must be a number of MiB ≥ 0 or null (unlimited), got {budget!r}")
         if budget * MIB < batch_bytes:
             raise FabricqError(
                 f"{field}={budget} cannot hold one batch of hidden states ({batch_desc} = "
@@ -148,7 +144,7 @@ class Stage:
                 except OSError:
                     shutil.copyfile(entry.path, target)
             else:
-                _write(target, entry.tensor)
+                write_hidden(target, entry.tensor)
 
     def release(self) -> None:
         for entry in self.entries:
@@ -162,7 +158,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _write(path: Path, tensor: torch.Tensor) -> None:
+def write_hidden(path: Path, tensor: torch.Tensor) -> None:
     """One batch to a safetensors file, under a temporary name first (a half-written file is
     never mistaken for a whole one); a full disk becomes a clear error."""
     tmp = path.with_name(path.name + ".tmp")
@@ -183,7 +179,7 @@ class ActivationCache:
     go (required as soon as a budget is finite)."""
 
     def __init__(self, device, *, device_bytes: int | None = None, host_bytes: int | None = None,
-                 spill_dir: Path | None = None, prefetch: bool = True):
+                 spill_dir: Path | None = None):
         self.device = torch.device(device)
         self.transfer = TransferStream(self.device)
         # On a CPU run the compute device is the host: one memory tier, the host budget.
@@ -203,7 +199,7 @@ class ActivationCache:
         self.peak_rss = current_rss_bytes()
         self._lock = threading.Lock()
         self._stages = 0
-        self._prefetcher = Prefetcher(prefetch, "fabricq-prefetch")
+        self._prefetcher = Prefetcher("fabricq-prefetch")
 
     def new_stage(self) -> Stage:
         self._stages += 1
@@ -228,7 +224,7 @@ class ActivationCache:
             if self.spill_dir is None:
                 raise RuntimeError("activation cache: memory budgets exceeded and no spill directory")
             path = self.spill_dir / f"stage{stage:05d}-b{batch:05d}.safetensors"
-            _write(path, hidden)
+            write_hidden(path, hidden)
             entry = _Entry("disk", nbytes, path=path)
             self.spilled_batches += 1
         self._account(entry.tier, nbytes)
@@ -298,7 +294,7 @@ def hidden_batch_bytes(model_config: dict, cfg) -> tuple[int, str]:
 def cache_from_config(cfg, model_config: dict, work, device) -> "ActivationCache":
     """The activation cache within the configured budgets; bad budgets or an unusable spill
     directory are reported here, before calibration. `cfg`: the run's config (cache, data,
-    model.dtype, pipeline); `work`: the run's WorkDirectory (where spilled batches go by default)."""
+    model.dtype); `work`: the run's WorkDirectory (where spilled batches go by default)."""
     if model_config.get("hidden_size"):
         batch_bytes, desc = hidden_batch_bytes(model_config, cfg)
         check_budgets(batch_bytes, cfg.cache.device_mib, cfg.cache.host_mib, desc)
@@ -318,5 +314,4 @@ def cache_from_config(cfg, model_config: dict, work, device) -> "ActivationCache
         memory = budgets[1] + (0 if on_host else budgets[0])
     # Two stages resident (inputs and outputs of a layer) plus the resume snapshots.
     check_spill_dir(spill_dir, max(0, 2 * stage - memory) + 2 * stage)
-    return ActivationCache(device, device_bytes=budgets[0], host_bytes=budgets[1], spill_dir=spill_dir,
-                           prefetch=cfg.pipeline.prefetch)
+    return ActivationCache(device, device_bytes=budgets[0], host_bytes=budgets[1], spill_dir=spill_dir)

@@ -80,24 +80,13 @@ class TransferStream:
 
 
 class Prefetcher:
-    """Runs loads one step ahead on a background thread, or inline when disabled.
+    """Runs loads one step ahead on a background thread: `submit(fn)` returns its Future."""
 
-    `submit(fn)` returns a Future either way, so callers have one code path."""
-
-    def __init__(self, enabled: bool, name: str):
-        self.enabled = enabled
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if enabled else None
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def submit(self, fn: Callable[[], Any]) -> Future:
-        if self._pool is not None:
-            return self._pool.submit(fn)
-        future: Future = Future()
-        try:
-            future.set_result(fn())
-        except BaseException as err:  # surfaced by .result(), as from a thread
-            future.set_exception(err)
-        return future
+        return self._pool.submit(fn)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)

@@ -13,8 +13,7 @@ log = logging.getLogger("fabricq")
 class ProgressCallback(Callback):
     """One log line per finished layer: `Layer 12/30 · 3.1 s · ETA 55 s`.
 
-    A layer is finished once it is final and the next layer's inputs exist (`on_layer_complete`):
-    after its error-propagation pass, or, with a lag, once its solves on the worker are done."""
+    A layer is finished once it is final and the next layer's inputs exist (`on_layer_complete`)."""
 
     changes_layer_after_gates = False
 

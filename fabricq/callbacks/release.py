@@ -12,22 +12,21 @@ from fabricq.sysmem import drop_mapped_pages
 
 
 class ReleaseFinishedWeights(Callback):
-    """Frees the dense weights of quantized modules once their layer is final
-    (`gptq.final_through`): nothing reads them again before export, which takes the codes from
-    `gptq.quantized` and only shapes and dtypes from the model. Each weight becomes a meta tensor
-    of the same shape and dtype (a stray read fails loudly), and pages of the loader's memory map
-    that held it leave resident memory (`drop_mapped_pages`). `restore` rebuilds the dense
-    quantized weights, for an evaluation after calibration."""
+    """Frees the dense weights of quantized modules once their layer is complete (and, in a
+    resumed run, those of the layers it restored): nothing reads them again before export, which
+    takes the codes from `gptq.quantized` and only shapes and dtypes from the model. Each weight
+    becomes a meta tensor of the same shape and dtype (a stray read fails loudly), and pages of
+    the loader's memory map that held it leave resident memory (`drop_mapped_pages`). `restore`
+    rebuilds the dense quantized weights, for an evaluation after calibration."""
 
     changes_layer_after_gates = False
 
     def __init__(self, gptq: GPTQCallback):
         self.gptq = gptq
-        self._next = 0  # the first layer not released yet
+        self._next = 0  # the first layer not released yet (a resumed run restored those before it)
 
     def on_layer_complete(self, loop, index, next_inputs):
-        final = self.gptq.final_through(index)
-        for i in range(self._next, final + 1):
+        for i in range(self._next, index + 1):
             modules = linear_modules(loop.layers[i], loop.layer_name(i))
             released = [m for name, m in modules.items() if name in self.gptq.quantized]
             old = [m.weight.data for m in released]
@@ -35,7 +34,7 @@ class ReleaseFinishedWeights(Callback):
                 m.weight = nn.Parameter(torch.empty(m.weight.shape, dtype=m.weight.dtype, device="meta"),
                                         requires_grad=False)
             drop_mapped_pages(old)
-        self._next = max(self._next, final + 1)
+        self._next = index + 1
 
     def restore(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())

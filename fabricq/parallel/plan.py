@@ -54,7 +54,6 @@ class CostModel:
     its observations) predicts the next layer exactly up to noise; shapes never measured are
     scaled from the analytic cost by the median measured/analytic ratio."""
 
-    use_measurements: bool = True
     observed: dict[tuple, list[float]] = field(default_factory=dict)
 
     def observe(self, task: SolveTask, seconds: float) -> None:
@@ -68,7 +67,7 @@ class CostModel:
 
     @property
     def in_seconds(self) -> bool:
-        return self.use_measurements and bool(self.observed)
+        return bool(self.observed)
 
     def predict(self, task: SolveTask) -> float:
         if not self.in_seconds:
@@ -125,21 +124,6 @@ def assign_to_ranks(costs: list[float], world_size: int, exact_limit: int = 12) 
 
     search(0)
     return best[1]
-
-
-def assign_with_backlog(costs: list[float], loads: list[float]) -> list[int]:
-    """Owner rank of each task of one layer when solves may trail calibration (a solve window):
-    largest task first, each to the rank with the least work planned so far, `loads` (updated in
-    place) carrying every rank's planned total over the layers before. A rank that drew a
-    down_proj (most of a layer's cost) is thereby passed over for the next layers until the
-    others have caught up, so the run, not each layer, is balanced. Deterministic: every rank
-    computes the same plan from the same costs."""
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(len(loads)), key=lambda k: (loads[k], k))
-        owners[i] = r
-        loads[r] += costs[i]
-    return owners
 
 
 # Row slices of a module start at multiples of this many rows: a matrix product then takes, for

@@ -6,12 +6,16 @@ error grows with the number of batches. Partial sums from several ranks add exac
 
 H is symmetric, so each batch only computes its lower triangle, in column strips (a few large
 matrix products instead of one, ~1/3 less work); the upper triangle is mirrored from the lower
-one whenever the sum is read, which also makes `sum` exactly symmetric.
+one whenever the sum is read, which also makes `sum` exactly symmetric. Ranks add up their
+`partial_sum`s in place and the rank(s) holding the total record its token count with
+`install_total`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fabricq.quant.gram import accumulate_gram, uses_bf16_products
 
 # Widths below this get one plain product: strips would be too narrow to be efficient.
 MIN_STRIPPED_WIDTH = 256
@@ -30,12 +34,16 @@ class HessianAccumulator:
         self._sum = torch.zeros(columns, columns, dtype=dtype, device=device)
         self._edges = _strip_edges(columns)
         self._upper_stale = False
-        self.tokens = 0
+        self._tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens added here, or in the total `install_total` recorded."""
+        return self._tokens
 
     @property
     def sum(self) -> torch.Tensor:
-        """The full symmetric sum of x·xᵀ (the same tensor across reads: in-place updates of it,
-        e.g. a collective's reduction, are kept)."""
+        """The full symmetric sum of x·xᵀ."""
         if self._upper_stale:
             lower = self._sum.tril()
             self._sum.copy_(lower + lower.tril(-1).T)
@@ -43,31 +51,35 @@ class HessianAccumulator:
         return self._sum
 
     @property
-    def raw(self) -> torch.Tensor:
-        """The sum as accumulated: exact on and below the diagonal; above it stale until `sum` is
-        read. What ranks add up (a collective reducing it in place keeps it raw): the mirroring
-        then happens once, on the rank that reads the total, not on every rank before sending."""
+    def partial_sum(self) -> torch.Tensor:
+        """The sum as accumulated, for a collective to add up across ranks in place (then
+        `install_total`): exact on and below the diagonal. Mirroring it here would make every
+        rank do it before sending; the rank that reads the total does it once instead."""
         return self._sum
 
-    @sum.setter
-    def sum(self, value: torch.Tensor) -> None:
-        self._sum = value
-        self._upper_stale = False
+    def install_total(self, tokens: int) -> None:
+        """`partial_sum` now holds the total over every rank (a collective wrote it in place), of
+        `tokens` tokens in all. Its lower triangle is exact; the upper one is mirrored from it
+        when read, as after `add`."""
+        self._tokens = tokens
+        self._upper_stale = len(self._edges) > 2
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs (..., columns); every leading index is one token."""
-        x = x.reshape(-1, x.shape[-1]).to(self._sum.dtype)
+        x = x.reshape(-1, x.shape[-1])
+        if not uses_bf16_products(x, self._sum):  # bf16 activations on a native-bf16 host stay bf16
+            x = x.to(self._sum.dtype)
         if x.shape[1] != self._sum.shape[0]:
             raise RuntimeError(f"input width {x.shape[1]} does not match the Hessian's {self._sum.shape[0]}")
         edges = self._edges
         if len(edges) == 2:
-            self._sum.addmm_(x.T, x)
+            accumulate_gram(self._sum, x)
         else:
             # Strip j: rows from its first column down, i.e. the lower triangle block column.
             for start, end in zip(edges[:-1], edges[1:]):
-                self._sum[start:, start:end].addmm_(x[:, start:].T, x[:, start:end])
+                accumulate_gram(self._sum[start:, start:end], x[:, start:], x[:, start:end])
             self._upper_stale = True
-        self.tokens += x.shape[0]
+        self._tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
         if self.tokens == 0:

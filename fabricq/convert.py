@@ -1,0 +1,146 @@
+"""`python -m fabricq.convert SRC DST --to gptq|compressed-tensors [--dtype D] [--overwrite]`
+
+Converts a quantized checkpoint between compressed-tensors pack-quantized and the GPTQ format
+without re-quantizing: the codes, scales and zero points are the same numbers in the other
+layout (qweight is the transpose of weight_packed; zero points move to the v1 "minus one"
+convention). Where the other format cannot hold them exactly, it refuses, naming the module:
+scales not representable in float16 (GPTQ) or in the target dtype (compressed-tensors),
+dynamic act-order g_idx (compressed-tensors >= 0.19 refuses it), shapes the GPTQ words do not fill.
+compressed-tensors → GPTQ → compressed-tensors gives back the same files byte for byte.
+
+Every other file of SRC (tokenizer, generation config, report) is copied. DST is written beside
+itself and moved into place complete; a non-empty DST is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from fabricq.errors import FabricqError
+from fabricq.serving import EXPORT_DTYPES, FORMAT_ALIASES
+
+TARGETS = ("gptq", "compressed-tensors")
+# Files of a checkpoint that the converter writes itself instead of copying.
+WEIGHT_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.json")
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise FabricqError(f"destination {dst} is a file, not a directory")
+    if dst.resolve() == src.resolve():
+        raise FabricqError("source and destination are the same directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FabricqError(f"destination {dst} exists and is not empty: choose another directory or pass --overwrite")
+
+
+def to_gptq(checkpoint, out: Path) -> None:
+    from fabricq.gptq_format import write_gptq
+    from fabricq.serving import gptq_layout_problem
+    from fabricq.inspect import specs_of
+
+    for spec in specs_of(checkpoint):
+        problem = gptq_layout_problem(spec)
+        if problem:
+            raise FabricqError(f"cannot convert to the GPTQ format: {problem}")
+    linear = [n for n, m in checkpoint.meta_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    write_gptq(out, checkpoint.config, checkpoint.tensors, checkpoint.quantized, linear)
+
+
+def to_compressed_tensors(checkpoint, out: Path, dtype: torch.dtype) -> None:
+    from fabricq.export import CONFIG_NAME, _compressed_tensors_for, _write_safetensors, build_quantization_config
+    from fabricq.output import apply_umask
+
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.tensors.items()}
+    quantized = {}
+    for name, qw in sorted(checkpoint.quantized.items()):
+        if qw.scheme.actorder == "dynamic":
+            raise FabricqError(
+                f"cannot convert {name} to compressed-tensors: its act-order groups (desc_act with g_idx) are "
+                "refused by compressed-tensors >= 0.19 (actorder 'group' was removed)"
+            )
+        if not torch.equal(qw.scale.to(dtype).float(), qw.scale):
+            raise FabricqError(
+                f"cannot convert {name} to compressed-tensors in {str(dtype).removeprefix('torch.')}: its scales are "
+                "not exactly representable there (pass --dtype float32, or the scales' own dtype)"
+            )
+        quantized[name] = qw
+        state.update(_compressed_tensors_for(name, qw, dtype))
+    config = dict(checkpoint.config)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = build_quantization_config(checkpoint.meta_model, quantized)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(state, out, "5GB")
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in out.iterdir():  # safetensors creates its files 0600
+        apply_umask(path)
+
+
+def convert(src, dst, to: str, *, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Convert checkpoint `src` into `dst` in format `to`; returns `dst`."""
+    from fabricq.inspect import checkpoint_dtype, load_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    to = FORMAT_ALIASES.get(to, to)
+    if to not in TARGETS:
+        raise FabricqError(f"--to must be one of {TARGETS}, got {to!r}")
+    if dtype != "auto" and dtype not in EXPORT_DTYPES:
+        raise FabricqError(f"--dtype must be auto or one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    _check_destination(src, dst, overwrite)
+    checkpoint = load_checkpoint(src)
+    if checkpoint.fmt == to:
+        raise FabricqError(f"{src} is already in the {to} format")
+    target_dtype = checkpoint_dtype(checkpoint) if dtype == "auto" else EXPORT_DTYPES[dtype]
+    if dtype != "auto" and to == "gptq":
+        checkpoint.tensors = {k: v.to(target_dtype) if v.is_floating_point() else v
+                              for k, v in checkpoint.tensors.items()}
+        checkpoint.config = {**checkpoint.config, "dtype": dtype}
+    if to == "gptq" and checkpoint.config.get("dtype") is None:
+        checkpoint.config = {**checkpoint.config, "dtype": str(target_dtype).removeprefix("torch.")}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if to == "gptq":
+            to_gptq(checkpoint, staging)
+        else:
+            to_compressed_tensors(checkpoint, staging, target_dtype)
+        for file in sorted(src.iterdir()):
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in WEIGHT_FILES:
+                shutil.copy2(file, staging / file.name)
+        if dst.exists():
+            shutil.rmtree(dst) if any(dst.iterdir()) else dst.rmdir()
+        os.replace(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dst
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fabricq.convert", description=__doc__.split("\n\n")[1])
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--to", required=True, help="gptq | compressed-tensors")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (the source's) | float16 | bfloat16 | float32: unquantized tensors (and "
+                             "compressed-tensors scales, which must be exact in it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite)
+    except FabricqError as err:
+        print(f"fabricq: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({FORMAT_ALIASES.get(args.to, args.to)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

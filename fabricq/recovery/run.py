@@ -1,0 +1,270 @@
+"""One recovery of a finished fabricq output: text → teacher → quantized base with adapters →
+EoRA start → training → PEFT adapter → evaluation through the serving path → report.
+
+The original model is loaded once: it is the teacher (top-k targets of the recovery windows and
+the evaluation reference) and its skeleton then becomes the student, its target modules replaced
+by adapters over the exported codes and its other tensors overwritten with the exported ones.
+Intermediate state (teacher targets, checkpoints) lives in `.<RUN_DIR name>.recovery/` beside the
+output and is removed when the recovery has finished.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fabricq import runtime
+from fabricq.config import load_settings
+from fabricq.data import prepare_text
+from fabricq.errors import FabricqError
+from fabricq.evaluate import evaluate, evaluate_sharded
+from fabricq.models import check_finite_weights, check_model_files, load_model, load_tokenizer, resolve_model_source
+from fabricq.parallel.plan import shard_batches
+from fabricq.recovery import eora, teacher as teacher_mod
+from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter, save_peft_adapter
+from fabricq.recovery.base import load_exported_tensors, read_run
+from fabricq.recovery.lora import attach_lora, check_rank, select_targets
+from fabricq.recovery.settings import RecoveryPlan, recovery_plan
+from fabricq.recovery.train import CheckpointStore, local_window_order, train
+from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
+
+log = logging.getLogger("fabricq")
+
+
+def work_dir_for(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.recovery"
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def recovery_text(tokenizer, cfg: DictConfig, s: RecoveryPlan, windows_needed: int) -> torch.Tensor:
+    """`windows_needed` windows of recovery.seq_len tokens from recovery.data.path, or else from the
+    run's calibration source with the run's held-out split (so never the evaluation text)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    ev = OmegaConf.to_container(cfg.eval, resolve=True)
+    path = s.data_path
+    if path is not None and cfg.eval.path is not None and Path(path).resolve() == Path(cfg.eval.path).resolve():
+        raise FabricqError(f"recovery.data.path is the evaluation text ({cfg.eval.path}): recover on other text")
+    if path is not None and data.get("path") is not None and Path(path).resolve() == Path(data["path"]).resolve():
+        path = None  # the calibration source itself: keep its held-out split
+    held_out = path is None and ev["enabled"] and ev["path"] is None
+    data.update(num_samples=windows_needed, seq_len=s.seq_len, **({"path": path} if path is not None else {}))
+    ev["enabled"] = held_out
+    try:
+        return prepare_text(tokenizer, OmegaConf.create(data), OmegaConf.create(ev)).calibration
+    except FabricqError as err:
+        per_step = windows_needed // max(1, s.train.steps)
+        raise FabricqError(f"recovery text is too short: recovery.steps={s.train.steps} × {per_step} windows per step "
+                           f"need {windows_needed} windows of recovery.seq_len={s.seq_len}; {err}") from None
+
+
+def _reducer(fabric):
+    if fabric.world_size == 1:
+        return None
+
+    def reduce(total: torch.Tensor, tokens: int):
+        total = total.to(fabric.device)
+        count = torch.tensor([float(tokens)], dtype=torch.float64, device=fabric.device)
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+        return total.cpu(), int(count.item())
+
+    return reduce
+
+
+def _reference(fabric, model, text, cfg: DictConfig, report: dict) -> tuple[dict, list]:
+    """The original model's perplexity on the evaluation windows and its log-probs on the first
+    eval.kl_windows of them (this rank's share). The run measured the perplexity on the very same
+    windows when its report says they were made the same way; then only the KL windows are run."""
+    stride = cfg.eval.get("stride")
+    convention = report.get("eval_convention") or {}
+    same = text.eval_convention and all(convention.get(k) == v for k, v in text.eval_convention.items())
+    if report.get("ppl_before") is None or not same:
+        before = evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows,
+                                  desc="Perplexity before", stride=stride)
+        return before, before.pop("logprobs")
+    shard = shard_batches(len(text.evaluation), fabric.world_size)[fabric.global_rank]
+    stop = min(shard.stop, cfg.eval.kl_windows)
+    kept = []
+    if stop > shard.start:
+        kept = evaluate(model, text.evaluation[shard.start : stop], fabric.device, keep=stop - shard.start,
+                        stride=stride, first_index=shard.start)["logprobs"]
+    return {"ppl": report["ppl_before"]}, kept
+
+
+def _gap(before, after, recovered):
+    if None in (before, after, recovered) or after == before:
+        return None
+    return (after - recovered) / (after - before)
+
+
+def build_student(model, run, targets: list[str], s: RecoveryPlan) -> dict:
+    """Turn the original `model` into the exported base with adapters over `targets`: the
+    checkpoint's unquantized tensors as exported, each target an adapter over its codes."""
+    load_exported_tensors(model, run)
+    return attach_lora(model, run.quantized, targets, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
+                       mode=s.base_mode, seed=s.train.seed)
+
+
+def recover(run_dir: Path, cfg: DictConfig) -> dict:
+    """Recover the output in `run_dir` as `cfg.recovery` says; returns its report section."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    settings = load_settings(cfg)  # the run's config and the recovery section, every field checked
+    s = recovery_plan(settings)
+    if settings.cache.heap == "compact":  # freed tensors go back to the OS at once, as in the run (peak RSS)
+        return_large_blocks_to_os()
+    world = settings.trainer.world_size
+    glob = s.train.global_batch(world)
+    run = read_run(run_dir)
+    unquantized = [n for n in run.config["quantization_config"].get("ignore") or [] if not n.startswith("re:")]
+    targets = select_targets(run.quantized, s.target_modules, unquantized)
+    check_rank(s.rank, run.quantized, targets)
+    source = resolve_model_source(cfg.model.path)
+    check_model_files(source)
+    max_positions = run.config.get("max_position_embeddings")
+    if max_positions and s.seq_len > max_positions:
+        raise FabricqError(f"recovery.seq_len={s.seq_len} exceeds the model's context length {max_positions}")
+
+    fabric, _ = runtime.launch(settings, run_dir)
+    rank, device = fabric.global_rank, fabric.device
+    torch.manual_seed(s.train.seed)
+    timings: dict[str, float] = {"setup_s": time.perf_counter() - start}  # checks, imports, Fabric launch
+    tick = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    text = prepare_text(tokenizer, cfg.data, cfg.eval)
+    windows = recovery_text(tokenizer, cfg, s, s.train.steps * glob) if s.train.steps else None
+    model = load_model(source, cfg.model.dtype)
+    modules = dict(model.named_modules())
+    for name, qw in run.quantized.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(qw.shape):
+            raise FabricqError(f"RUN_DIR {run_dir} does not belong to {source.name}: it quantizes {name} "
+                               f"{tuple(qw.shape)}, which the model lacks or shapes differently")
+    position = {n: i for i, n in enumerate(modules)}
+    targets.sort(key=position.__getitem__)
+    linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    check_finite_weights(model, targets)
+    work = work_dir_for(run_dir)
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    timings["prepare_s"] = time.perf_counter() - tick
+
+    # The teacher: top-k targets of this rank's windows, and the evaluation reference.
+    tick = time.perf_counter()
+    local = windows[local_window_order(s.train, world, rank)] if windows is not None else None
+    targets_kl = None
+    if s.needs_teacher:
+        path = work / f"teacher.rank{rank}.safetensors"
+        targets_kl = teacher_mod.load_teacher(path)
+        if not teacher_mod.teacher_matches(targets_kl, local, s.top_k, s.train.temperature):
+            teacher_mod.check_head(model, local[0], device)
+            model.to(device)
+            targets_kl = teacher_mod.compute_teacher(model, local, k=s.top_k, temperature=s.train.temperature,
+                                                     device=device)
+            teacher_mod.save_teacher(targets_kl, path)
+    timings["teacher_s"] = time.perf_counter() - tick
+    reference, before, eval_s = None, None, 0.0
+    if cfg.eval.enabled:
+        tick = time.perf_counter()
+        model.to(device)
+        before, reference = _reference(fabric, model, text, cfg, run.report)
+        eval_s = time.perf_counter() - tick
+    model.to("cpu")
+
+    # The student: the exported base with adapters over the target modules.
+    tick = time.perf_counter()
+    original = {n: modules[n].weight.detach() for n in targets}
+    drop_mapped_pages(p for p in model.parameters())
+    lora = build_student(model, run, targets, s)
+    eora_stats = {}
+    if s.init == "eora":
+        # The first eora_samples of the run's calibration windows (all of them when it had fewer).
+        calib = text.calibration[: s.eora_samples].tensor_split(world)[rank]
+        model.to(device)
+        eora_stats = eora.initialize(model, lora, original, calib, batch_size=cfg.data.batch_size, device=device,
+                                     damp=s.damp, reduce=_reducer(fabric),
+                                     release=drop_mapped_pages)
+    del original, modules
+    gc.collect()
+    timings["eora_s"] = time.perf_counter() - tick
+
+    result = None
+    if s.train.steps:
+        model.train()
+        result = train(fabric, model, lora, local, targets_kl, settings=s.train,
+                       store=CheckpointStore(work / "checkpoints"))
+        model.eval()
+        timings["train_s"] = result.wall_s
+    adapter_dir = run_dir / ADAPTER_DIR
+    if rank == 0:
+        staging = run_dir / f".{ADAPTER_DIR}.partial-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_peft_adapter(staging, lora, linear, base_model=str(run_dir.resolve()))
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(staging, adapter_dir)
+    fabric.barrier()
+    wall = time.perf_counter() - start - eval_s  # evaluation is reported apart
+    peak_before_eval = peak_rss_mib()
+    compute_dtype = model.dtype  # the exported tensors are evaluated in it, as the run evaluated them
+    del model, lora, targets_kl, local
+    gc.collect()
+
+    section = {
+        "method": s.method, "rank": s.rank, "alpha": s.alpha, "init": s.init, "modules": len(targets),
+        "steps": s.train.steps, "global_batch": glob, "seq_len": s.seq_len, "loss": s.train.loss,
+        "lr": s.train.lr, "world_size": world, "adapter": str(adapter_dir), "wall_s": wall,
+        "timings": timings, "peak_rss_mib": peak_before_eval,
+        "tokens": result.tokens if result else 0, "tokens_per_s": result.tokens_per_s if result else None,
+        "loss_curve": result.loss_curve if result else [], "resumed_from_step": result.resumed_from_step if result else None,
+    }
+    if eora_stats:
+        total_before = sum(v["error_before"] for v in eora_stats.values())
+        total_after = sum(v["error_after"] for v in eora_stats.values())
+        section["eora"] = {"weighted_error_before": total_before, "weighted_error_after": total_after,
+                           "modules_improved": sum(v["error_after"] < v["error_before"] for v in eora_stats.values())}
+    if cfg.eval.enabled:
+        tick = time.perf_counter()
+        served = load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype).to(device)
+        stride = cfg.eval.get("stride")
+        recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
+                                     desc="Perplexity after recovery", stride=stride)
+        with served.disable_adapter():
+            base = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
+                                    desc="Perplexity after", stride=stride)
+        del served
+        section.update(ppl_before=before["ppl"], ppl_after=base["ppl"], kl_after=base["kl"],
+                       ppl_after_recovery=recovered["ppl"], kl_after_recovery=recovered["kl"],
+                       ppl_gap_closed=_gap(before["ppl"], base["ppl"], recovered["ppl"]),
+                       kl_gap_closed=_gap(0.0, base["kl"], recovered["kl"]), eval_tokens=recovered["tokens"])
+        timings["eval_s"] = eval_s + time.perf_counter() - tick
+        section["peak_rss_with_eval_mib"] = peak_rss_mib()
+    if rank == 0:
+        report_path = run_dir / "report.json"
+        report = json.loads(report_path.read_text())
+        report["recovery"] = section
+        tmp = report_path.with_name(".report.json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, report_path)
+        shutil.rmtree(work, ignore_errors=True)
+    runtime.finish(fabric)
+    if "ppl_after_recovery" in section:
+        log.info("Recovery: perplexity %.3f → %.3f (before quantization %.3f), KL %.5f → %.5f; %s of the perplexity gap "
+                 "closed", section["ppl_after"], section["ppl_after_recovery"], section["ppl_before"],
+                 section["kl_after"], section["kl_after_recovery"],
+                 "n/a" if section["ppl_gap_closed"] is None else f"{100 * section['ppl_gap_closed']:.1f}%")
+    log.info("Wrote %s (recovery %.1f s, peak RSS %.0f MiB)", adapter_dir, wall, peak_before_eval)
+    return section

@@ -1,0 +1,183 @@
+"""Weight files against their config, before any weight is loaded: the tensors the config's model
+holds (built on the meta device) against the safetensors headers, and every value finite.
+
+transformers fills a tensor missing from the files with random values and drops extra ones, so a
+truncated or mismatched checkpoint would otherwise be quantized and exported without a word.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from fabricq.errors import FabricqError
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Elements read at once while scanning for NaN/Inf (a float32 chunk: 64 MiB).
+SCAN_ELEMENTS = 1 << 24
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+Header = dict[str, tuple[str, tuple[int, ...], Path]]
+
+
+def one_line(err: BaseException) -> str:
+    """A library's multi-line error message as one line."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _meta_model(folder: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = folder / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:
+        raise FabricqError(f"{config_file} cannot be read by transformers: {one_line(err)}") from None
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers <= 0:
+        raise FabricqError(f"{config_file} declares num_hidden_layers={layers}: a model needs at least one layer")
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as err:
+        raise FabricqError(f"{config_file} does not describe a model transformers can build: {one_line(err)}") from None
+
+
+def _names_in_model(model, names) -> dict[str, tuple[str, bool]]:
+    """file tensor name → (its name in the model, whether a converter reshapes it on load), by
+    transformers' own checkpoint conversion rules (renamed norms, fused experts...)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model)
+    except Exception:  # a transformers without these rules: names as stored
+        return {n: (n, False) for n in names}
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    out = {}
+    for name in names:
+        target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        out[name] = (target, pattern is not None)
+    return out
+
+
+def _layer_of(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _fields_equal_to(config: dict, values: set[int]) -> str:
+    fields = [f"{k}={v}" for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool) and v in values]
+    return ", ".join(fields[:3])
+
+
+def check_tensors_match_config(folder: Path, config: dict, headers: Header) -> None:
+    """Every tensor the config's model holds is in the files with its shape and a matching kind
+    of dtype, and the files hold nothing else (tied weights may be absent). One error naming the
+    tensor and the config field."""
+    model = _meta_model(folder)
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    may_miss = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    may_add = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    layers = getattr(model.config, "num_hidden_layers", None)
+    in_files = {_layer_of(n) for n in headers} - {None}
+    file_layers = max(in_files) + 1 if in_files else 0
+    arch = f"model_type={config.get('model_type')}"
+
+    mapped = _names_in_model(model, headers)
+    extra = [n for n, (target, _) in mapped.items() if target not in expected and not any(p.search(n) for p in may_add)]
+    if extra:
+        name = min(extra, key=lambda n: (_layer_of(n) or 0, n))
+        if isinstance(layers, int) and file_layers > layers:
+            raise FabricqError(
+                f"config.json num_hidden_layers={layers} but the weight files hold {file_layers} layers "
+                f"({name} in {headers[name][2].name}): a model built from this config would drop layers; "
+                "fix num_hidden_layers in config.json"
+            )
+        raise FabricqError(
+            f"the weight files hold {len(extra)} tensor(s) the config.json model ({arch}) does not have, e.g. "
+            f"{name} in {headers[name][2].name}: config.json does not describe these weights"
+        )
+    present = {target for target, _ in mapped.values()}
+    missing = [n for n in expected if n not in present and n not in tied and not any(p.search(n) for p in may_miss)]
+    if missing:
+        name = min(missing, key=lambda n: (_layer_of(n) or 0, n))
+        if isinstance(layers, int) and _layer_of(name) is not None and file_layers < layers:
+            hint = f"config.json num_hidden_layers={layers} but the weight files hold {file_layers} layers"
+        elif name.startswith("lm_head") and config.get("tie_word_embeddings") is False:
+            hint = "config.json tie_word_embeddings=false: set it to true if the model shares its embeddings"
+        else:
+            hint = f"config.json ({arch}) needs it; transformers would fill it with random values"
+        raise FabricqError(f"{name} is missing from the weight files in {folder} ({len(missing)} missing): {hint}")
+
+    for name, (target, converted) in mapped.items():
+        if converted:  # reshaped on load (e.g. experts fused): only present-or-not is comparable
+            continue
+        dtype, shape, file = headers[name]
+        want = expected[target]
+        if tuple(want.shape) != shape:
+            differing = {w for w, s in zip(want.shape, shape) if w != s} if len(shape) == want.dim() else set(want.shape)
+            fields = _fields_equal_to(config, differing)
+            raise FabricqError(
+                f"{name} has shape {list(shape)} in {file.name} but config.json builds {list(want.shape)}"
+                f"{f' ({fields})' if fields else ''}: config.json does not match the weights"
+            )
+        if want.is_floating_point() != (dtype in FLOAT_DTYPES):
+            kind = "quantized (float8)" if dtype.startswith("F8") else dtype
+            raise FabricqError(
+                f"{name} is stored as {kind} in {file.name} where the model holds {str(want.dtype).removeprefix('torch.')}: "
+                "fabricq needs an unquantized checkpoint with floating-point weights"
+            )
+    _check_tied_copies(model, headers)
+
+
+def _rows(handle, name: str, shape: tuple[int, ...]):
+    """A tensor in chunks of whole rows, read from the file one chunk at a time."""
+    if not shape:
+        yield handle.get_tensor(name)
+        return
+    view = handle.get_slice(name)
+    step = max(1, SCAN_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield view[start : start + step]
+
+
+def _check_tied_copies(model, headers: Header) -> None:
+    """A tied weight stored twice must be the same tensor: transformers keeps only one of them."""
+    from safetensors import safe_open
+
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target not in headers or source not in headers or headers[target][:2] != headers[source][:2]:
+            continue
+        with safe_open(str(headers[target][2]), "pt") as a, safe_open(str(headers[source][2]), "pt") as b:
+            shape = headers[target][1]
+            if not all(torch.equal(x, y) for x, y in zip(_rows(a, target, shape), _rows(b, source, shape))):
+                raise FabricqError(
+                    f"{target} differs from {source} in the weight files, but config.json ties them "
+                    f"(tie_word_embeddings): the model would use {source} for both; set tie_word_embeddings=false"
+                )
+
+
+def check_finite(files: list[Path], headers: Header) -> None:
+    """No NaN/Inf in any floating-point tensor (embeddings and norms included), read tensor by
+    tensor in chunks so memory stays low."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                dtype, shape, _ = headers[name]
+                if dtype not in FLOAT_DTYPES:
+                    continue
+                bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in _rows(handle, name, shape))
+                if bad:
+                    raise FabricqError(
+                        f"weights of {name.removesuffix('.weight')} contain {bad} NaN/Inf values ({name} in "
+                        f"{file.name}): refusing to quantize"
+                    )
