@@ -1,7 +1,8 @@
-"""One fabricq run: validate the config, calibrate and quantize, evaluate, export, report.
+"""One fabricq run, as four named phases: load → calibrate and quantize → evaluate → export.
 
-Thin orchestration over the other modules; every check on user input happens before the model is
-loaded, and the output directory only appears, complete, at the very end.
+`run` reads top to bottom; each phase is a function of the `Job` the first one builds. Every check
+on user input happens before the model is loaded (`fabricq.config`), and the output directory only
+appears, complete, at the very end (`fabricq.output`).
 """
 
 from __future__ import annotations
@@ -10,25 +11,25 @@ import json
 import logging
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fabricq import runtime
-from fabricq.calibration.cache import cache_from_config
+from fabricq.calibration.cache import ActivationCache, cache_from_config
 from fabricq.calibration.loop import CalibrationLoop
 from fabricq.callbacks.checkpoint import CheckpointCallback
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.callbacks.progress import ProgressCallback
 from fabricq.callbacks.release import ReleaseFinishedWeights
 from fabricq.config import Settings, load_settings
-from fabricq.recover import recover_after_run
-from fabricq.data import prepare_text
+from fabricq.data import TextData, prepare_text
 from fabricq.errors import FabricqError
-from fabricq.output import check_output_dir, claim_output, releases_output_claims
-from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
+from fabricq.evaluate import evaluate_sharded
 from fabricq.models import (
+    ModelSource,
     check_finite_weights,
     check_model_files,
     check_something_quantized,
@@ -40,20 +41,16 @@ from fabricq.models import (
     resolve_model_source,
     saved_dtype,
 )
-from fabricq.precision import decide_precision
-from fabricq.quant.gram import enable_bf16_products
-from fabricq.quant.grid import QuantScheme
-from fabricq.evaluate import evaluate_sharded
+from fabricq.output import check_output_dir, claim_output, releases_output_claims
 from fabricq.parallel.exchange import agreed_finished_layer, gather_totals
 from fabricq.parallel.plan import local_samples
 from fabricq.parallel.solvers import make_solver
-from fabricq.resume import (
-    WorkDirectory,
-    config_identity,
-    data_identity,
-    model_identity,
-    work_dir_for,
-)
+from fabricq.precision import decide_precision
+from fabricq.quant.gram import enable_bf16_products
+from fabricq.quant.grid import QuantScheme
+from fabricq.recover import recover_after_run
+from fabricq.resume import WorkDirectory, config_identity, data_identity, model_identity, work_dir_for
+from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
 
 log = logging.getLogger("fabricq")
 
@@ -79,16 +76,61 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@dataclass
+class Job:
+    """Everything the phases share: the checked config, this rank, the model and its text."""
+
+    cfg: DictConfig
+    config: Settings
+    settings: GPTQSettings
+    output: object  # fabricq.output's claim on output_dir: staging and publish
+    output_dir: Path
+    fabric: object
+    source: ModelSource
+    tokenizer: object
+    text: TextData
+    work: WorkDirectory
+    identity: dict
+    resuming: bool
+    cache: ActivationCache
+    model: torch.nn.Module
+    targets: list[str]
+    export_dtype: torch.dtype
+    start: float
+    report: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.fabric.global_rank
+
+    @property
+    def world(self) -> int:
+        return self.fabric.world_size
+
+    def drop_weight_pages(self) -> None:
+        """Unchanged weights need not stay resident: each layer's pages come back when it is used."""
+        modules = dict(self.model.named_modules())
+        drop_mapped_pages(modules[name].weight for name in self.targets)
+
+
 @releases_output_claims  # the output lock, and cleanup after a failure
 def run(cfg: DictConfig, output_dir: Path, config: Settings | None = None) -> dict:
     """Quantize the configured model and write checkpoint + report.json into `output_dir`.
     `config`: `cfg` already checked by `load_settings` (the command line does that first)."""
-    from fabricq.serving import (check_export_config, preflight, resolve_export_dtype, round_unquantized,
-                                 save_checkpoints, scale_dtype_for)
+    job = load(cfg, output_dir, config or load_settings(cfg))
+    reference = evaluate_before(job)
+    gptq, release = calibrate_and_quantize(job)
+    evaluate_after(job, gptq, release, reference)
+    report = export(job, gptq)
+    return recover_after_run(cfg, job.output_dir, report)  # +recovery=…: adapters over the published output
+
+
+def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
+    """Checks that need the files, rank launch, tokenizer, text, the resume directory, the model."""
+    from fabricq.serving import check_export_config, preflight, resolve_export_dtype, scale_dtype_for
 
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    config = config or load_settings(cfg)  # every user-facing field, checked once
     settings = gptq_settings(config)
     check_export_config(config.export, config.quant)
     if config.cache.heap == "compact":  # freed tensors go back to the OS at once (peak RSS)
@@ -141,107 +183,119 @@ def run(cfg: DictConfig, output_dir: Path, config: Settings | None = None) -> di
         log.info("Pre-flight %s", verdict.line())
     export_dtype = resolve_export_dtype(config.export.dtype, model.dtype)
     settings.scale_dtype = scale_dtype_for(config.export.format, export_dtype)  # stored exactly
-    # Reading every weight paged the loader's memory map in; each layer's pages come back when
-    # the layer is calibrated, the rest need not be resident meanwhile (peak RSS).
-    drop_mapped_pages(modules[name].weight for name in targets)
-    timings["load_s"] = time.perf_counter() - tick
-    log.info(
-        "Model %s: %d decoder layers, %d Linear modules; calibration %d × %d tokens",
-        source.name, len(layers), len(targets), *text.calibration.shape,
-    )
+    job = Job(cfg, config, settings, output, output_dir, fabric, source, tokenizer, text, work, identity,
+              resuming, cache, model, targets, export_dtype, start)
+    job.drop_weight_pages()  # the finiteness check paged every weight in
+    job.timings["load_s"] = time.perf_counter() - tick
+    job.report["precision"] = {**precision.report(), "model_dtype": str(model.dtype).removeprefix("torch.")}
+    log.info("Model %s: %d decoder layers, %d Linear modules; calibration %d × %d tokens",
+             source.name, len(layers), len(targets), *text.calibration.shape)
+    return job
 
-    report: dict = {"precision": {**precision.report(), "model_dtype": str(model.dtype).removeprefix("torch.")}}
-    reference = None
-    if cfg.eval.enabled:
-        tick = time.perf_counter()
-        model.to(fabric.device)
-        before = evaluate_sharded(
-            fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows, desc="Perplexity before",
-            stride=cfg.eval.stride,
-        )
-        model.to("cpu")
-        drop_mapped_pages(modules[name].weight for name in targets)
-        reference = before.pop("logprobs")
-        report["ppl_before"] = before["ppl"]
-        report["eval_tokens"] = before["tokens"]
-        report["eval_convention"] = {**text.eval_convention, "tokens_scored": before["tokens"]}
-        timings["eval_before_s"] = time.perf_counter() - tick
-        log.info("Perplexity before: %.3f (%d tokens)", before["ppl"], before["tokens"])
 
+def evaluate_before(job: Job) -> list | None:
+    """Perplexity of the original model; returns the log-probs kept for the KL after (or None)."""
+    if not job.config.eval.enabled:
+        return None
     tick = time.perf_counter()
-    solver = make_solver(settings, world, rank, fabric.device)
-    gptq = GPTQCallback(settings, solver=solver)
-    # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
+    job.model.to(job.fabric.device)
+    before = evaluate_sharded(job.fabric, job.model, job.text.evaluation, job.fabric.device,
+                              keep=job.config.eval.kl_windows, desc="Perplexity before", stride=job.config.eval.stride)
+    job.model.to("cpu")
+    job.drop_weight_pages()
+    job.report["ppl_before"] = before["ppl"]
+    job.report["eval_tokens"] = before["tokens"]
+    job.report["eval_convention"] = {**job.text.eval_convention, "tokens_scored": before["tokens"]}
+    job.timings["eval_before_s"] = time.perf_counter() - tick
+    log.info("Perplexity before: %.3f (%d tokens)", before["ppl"], before["tokens"])
+    return before.pop("logprobs")
+
+
+def calibrate_and_quantize(job: Job) -> tuple[GPTQCallback, ReleaseFinishedWeights]:
+    """The layer loop with GPTQ on it, from the last committed layer when resuming."""
+    tick = time.perf_counter()
+    solver = make_solver(job.settings, job.world, job.rank, job.fabric.device)
+    gptq = GPTQCallback(job.settings, solver=solver)
     release = ReleaseFinishedWeights(gptq)  # dense copies of finished layers: not kept
-    samples = local_samples(text.calibration, cfg.data.batch_size, rank, world)
+    # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
+    samples = local_samples(job.text.calibration, job.config.data.batch_size, job.rank, job.world)
     loop = CalibrationLoop(
-        model, samples, device=fabric.device, batch_size=cfg.data.batch_size,
-        callbacks=[gptq, ProgressCallback(), CheckpointCallback(work, gptq), release],
-        cache=cache,
+        job.model, samples, device=job.fabric.device, batch_size=job.config.data.batch_size,
+        callbacks=[gptq, ProgressCallback(), CheckpointCallback(job.work, gptq), release], cache=job.cache,
     )
     start_layer, inputs = 0, None
-    finished = work.latest_finished_layer() if resuming else None
-    if world > 1:  # ranks continue from the last layer every one of them finished
-        finished = agreed_finished_layer(finished, fabric.device)
+    finished = job.work.latest_finished_layer() if job.resuming else None
+    if job.world > 1:  # ranks continue from the last layer every one of them finished
+        finished = agreed_finished_layer(finished, job.fabric.device)
     if finished is not None:
-        inputs = work.restore(finished, model, gptq, cache)
+        inputs = job.work.restore(finished, job.model, gptq, job.cache)
         start_layer = finished + 1
-        report["resumed_after_layer"] = finished
-        log.info("Resuming %s after layer %d/%d", work.path, finished + 1, len(layers))
+        job.report["resumed_after_layer"] = finished
+        log.info("Resuming %s after layer %d/%d", job.work.path, finished + 1, loop.num_layers)
     try:
         loop.run(start_layer, inputs)
     finally:
         gptq.close()
-        cache.close()
-    report["cache"] = cache.report()
-    timings["quantize_s"] = time.perf_counter() - tick
-    timings["solve_steps_s"] = gptq.solve_steps_s
-
-    if cfg.eval.enabled:
-        tick = time.perf_counter()
-        release.restore(model)
-        round_unquantized(model, gptq.quantized, export_dtype)  # what the checkpoint holds
-        model.to(fabric.device)
-        after = evaluate_sharded(
-            fabric, model, text.evaluation, fabric.device, reference=reference, desc="Perplexity after",
-            stride=cfg.eval.stride,
-        )
-        model.to("cpu")
-        report["ppl_after"] = after["ppl"]
-        report["kl_after"] = after["kl"]
-        timings["eval_after_s"] = time.perf_counter() - tick
-        log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
-
+        job.cache.close()
+    job.report["cache"] = job.cache.report()
+    job.timings["quantize_s"] = time.perf_counter() - tick
+    job.timings["solve_steps_s"] = gptq.solve_steps_s
     if solver.report is not None:
-        report["distributed"] = {**solver.report, **gather_totals(fabric, solver.report["bytes_sent"])}
-    if rank != 0:  # only rank 0 writes; the others wait for it at the final barrier
-        runtime.finish(fabric)
+        job.report["distributed"] = {**solver.report, **gather_totals(job.fabric, solver.report["bytes_sent"])}
+    return gptq, release
+
+
+def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights, reference: list | None) -> None:
+    """Perplexity and KL of the weights the checkpoint will hold."""
+    from fabricq.serving import round_unquantized
+
+    if not job.config.eval.enabled:
+        return
+    tick = time.perf_counter()
+    release.restore(job.model)
+    round_unquantized(job.model, gptq.quantized, job.export_dtype)  # what the checkpoint holds
+    job.model.to(job.fabric.device)
+    after = evaluate_sharded(job.fabric, job.model, job.text.evaluation, job.fabric.device, reference=reference,
+                             desc="Perplexity after", stride=job.config.eval.stride)
+    job.model.to("cpu")
+    job.report["ppl_after"] = after["ppl"]
+    job.report["kl_after"] = after["kl"]
+    job.timings["eval_after_s"] = time.perf_counter() - tick
+    log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
+
+
+def export(job: Job, gptq: GPTQCallback) -> dict:
+    """Rank 0 writes the checkpoint(s), report.json and the resolved config, then publishes."""
+    from fabricq.serving import save_checkpoints
+
+    report = job.report
+    if job.rank != 0:  # only rank 0 writes; the others wait for it at the final barrier
+        runtime.finish(job.fabric)
         return report
     tick = time.perf_counter()
-    staging = output.new_staging()
-    report["export"] = {"formats": save_checkpoints(model, gptq.quantized, staging, tokenizer, config.export),
-                        "dtype": str(export_dtype).removeprefix("torch.")}
-    timings["export_s"] = time.perf_counter() - tick
-
+    staging = job.output.new_staging()
+    report["export"] = {"formats": save_checkpoints(job.model, gptq.quantized, staging, job.tokenizer, job.config.export),
+                        "dtype": str(job.export_dtype).removeprefix("torch.")}
+    job.timings["export_s"] = time.perf_counter() - tick
     report.update(
-        model=source.name,
-        method=settings.method,
-        scheme=OmegaConf.to_container(cfg.quant, resolve=True),
+        model=job.source.name,
+        method=job.settings.method,
+        scheme=OmegaConf.to_container(job.cfg.quant, resolve=True),
         calibration={
-            "samples": int(text.calibration.shape[0]),
-            "seq_len": int(text.calibration.shape[1]),
+            "samples": int(job.text.calibration.shape[0]),
+            "seq_len": int(job.text.calibration.shape[1]),
             # Fingerprint of the exact token windows, so other tools can be fed the same.
-            "sha256": identity["data_sha256"],
+            "sha256": job.identity["data_sha256"],
         },
-        wall_s=time.perf_counter() - start,
+        wall_s=time.perf_counter() - job.start,
         peak_rss_mib=peak_rss_mib(),
-        timings=timings,
+        timings=job.timings,
         modules=gptq.stats,
     )
     (staging / "report.json").write_text(json.dumps(report, indent=2))
-    (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    output.publish(staging)
-    work.remove()
-    runtime.finish(fabric)
-    log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", output_dir, report["wall_s"], report["peak_rss_mib"])
-    return recover_after_run(cfg, output_dir, report)  # +recovery=…: adapters over the published output
+    (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(job.cfg, resolve=True))
+    job.output.publish(staging)
+    job.work.remove()
+    runtime.finish(job.fabric)
+    log.info("Wrote %s (%.1f s, peak RSS %.0f MiB)", job.output_dir, report["wall_s"], report["peak_rss_mib"])
+    return report

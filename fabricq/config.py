@@ -142,7 +142,7 @@ class DataSettings:
     eval_fraction: float = setting(0.1, number("a number between 0 and 1 (exclusive)", above=0, below=1))
     seed: int = setting(0, SEED)
     bos: str | bool = setting("auto", one_of("auto", True, False, what="auto, true or false"))
-    sampling: str = setting("documents", one_of("stream", "documents"))
+    sampling: str = setting("stream", one_of("stream", "documents"))
     chat_template: bool = setting(False, boolean)
 
 
@@ -330,12 +330,13 @@ def _build(cls, node, prefix: str, unused: set[str]):
 
 
 def _unused(node) -> set[str]:
-    """Keys this config never reads: with eval.enabled=false, the evaluation fields and the held-out
-    fraction. A bad value there becomes the default instead of failing the run."""
+    """Keys this config never reads: with eval.enabled=false, the evaluation fields (the held-out
+    fraction is still read: calibration leaves it out either way). A bad value there becomes the
+    default instead of failing the run."""
     evaluation = node.get("eval") if isinstance(node, dict) else None
     if not (isinstance(evaluation, dict) and evaluation.get("enabled") is False):
         return set()
-    return {f"eval.{f.name}" for f in fields(EvalSettings) if f.name != "enabled"} | {"data.eval_fraction"}
+    return {f"eval.{f.name}" for f in fields(EvalSettings) if f.name != "enabled"}
 
 
 def _plain(cfg: DictConfig) -> dict:

@@ -31,7 +31,7 @@ from fabricq.textfiles import (  # noqa: F401  (check_text_path, load_documents:
 )
 
 SAMPLINGS = ("stream", "documents")
-DEFAULT_SAMPLING = "documents"  # the conf/data default; benchmarks/calibration_text.py chose it
+DEFAULT_SAMPLING = "stream"  # the conf/data default, chosen with benchmarks/calibration_text.py
 
 
 def check_chat_template(tokenizer) -> None:
@@ -225,8 +225,9 @@ def _evaluation_stream(tokenizer, data_cfg, eval_cfg, held_out: list[str]) -> to
 
 
 def prepare_text(tokenizer, data_cfg, eval_cfg) -> TextData:
-    """Calibration windows and (with `eval.enabled`) evaluation windows. With evaluation off,
-    nothing is held out and no evaluation setting is read."""
+    """Calibration windows and (with `eval.enabled`) evaluation windows. The held-out documents
+    (when `eval.path` is null) are left out of calibration whether or not evaluation runs, so the
+    same recipe quantizes the same model either way; with evaluation off no evaluation setting is read."""
     check_text_settings(data_cfg, eval_cfg)
     sampling = getattr(data_cfg, "sampling", DEFAULT_SAMPLING)
     chat = getattr(data_cfg, "chat_template", False)
@@ -236,7 +237,7 @@ def prepare_text(tokenizer, data_cfg, eval_cfg) -> TextData:
         docs = load_conversations(data_cfg.path, data_cfg.text_field)
     else:
         docs = load_documents(data_cfg.path, data_cfg.text_field)
-    held_out = eval_cfg.enabled and eval_cfg.path is None
+    held_out = eval_cfg.path is None
     calib_docs, eval_docs = split_documents(docs, data_cfg.eval_fraction, data_cfg.seed) if held_out else (docs, [])
     if chat:  # held-out chats are evaluated on their plain text, like any held-out document
         source = str(Path(data_cfg.path).expanduser()) if data_cfg.path is not None else "the built-in text"

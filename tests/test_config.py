@@ -212,10 +212,12 @@ def test_eval_stride_must_be_shorter_than_the_window():
 
 def test_disabled_evaluation_settings_cannot_fail_the_run(tmp_path):
     s = settings("eval.enabled=false", "eval.seq_len=0", f"eval.path={tmp_path / 'missing.txt'}",
-                 "eval.stride=5000", "data.eval_fraction=0", "data.num_samples=16")
+                 "eval.stride=5000", "data.num_samples=16")
     # A bad value became the default; well-formed ones are kept; no rule involving them applies.
     assert s.eval == dataclasses.replace(Settings().eval, enabled=False, path=str(tmp_path / "missing.txt"), stride=5000)
-    assert s.data.eval_fraction == Settings().data.eval_fraction and s.data.num_samples == 16
+    assert s.data.num_samples == 16
+    # The held-out fraction is still read: calibration leaves those documents out either way.
+    assert refused("eval.enabled=false", "data.eval_fraction=0").startswith("data.eval_fraction must be")
     assert refused("eval.enabled=false", "+eval.bogus=1").startswith("unknown setting eval.bogus")
     assert refused("eval.enabled=false", "data.num_samples=0") == "data.num_samples must be a positive integer, got 0"
 

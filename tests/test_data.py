@@ -94,7 +94,7 @@ def test_stream_windows_start_with_bos_and_keep_seq_len(tmp_path, adds_bos):
     lengths = [40, 50, 30, 60]
     tok = word_tokenizer(all_words(lengths), adds_bos)
     text = prepare_text(tok, data_cfg(write_docs(tmp_path, lengths), sampling="stream", seq_len=16),
-                        eval_cfg(enabled=False))
+                        eval_cfg(enabled=False, path="not-read.txt"))
     stream = tok("\n\n".join(doc_words(i, n) for i, n in enumerate(lengths)), add_special_tokens=False).input_ids
     assert text.calibration.shape == (4, 16)
     for window in text.calibration.tolist():
@@ -108,7 +108,7 @@ def test_documents_windows_start_at_documents_and_pack_short_ones(tmp_path):
     lengths = [40, 5, 6, 30, 7, 3, 25, 4]
     tok = word_tokenizer(all_words(lengths), adds_bos=True)
     text = prepare_text(tok, data_cfg(write_docs(tmp_path, lengths), num_samples=4, seq_len=16),
-                        eval_cfg(enabled=False))
+                        eval_cfg(enabled=False, path="not-read.txt"))
     docs = [tok(doc_words(i, n)).input_ids for i, n in enumerate(lengths)]  # BOS + words: the reference
     windows = text.calibration.tolist()
     for window in windows:
@@ -129,7 +129,7 @@ def test_documents_without_bos_are_separated_by_eos(tmp_path):
     lengths = [5, 6, 7, 3, 20, 20]
     tok = word_tokenizer(all_words(lengths), adds_bos=False)
     text = prepare_text(tok, data_cfg(write_docs(tmp_path, lengths), num_samples=3, seq_len=16),
-                        eval_cfg(enabled=False))
+                        eval_cfg(enabled=False, path="not-read.txt"))
     eos = tok.eos_token_id
     packed = next(w for w in text.calibration.tolist() if eos in w)
     assert 1 not in packed  # no BOS anywhere
@@ -142,7 +142,7 @@ def test_documents_give_further_windows_of_long_documents_only_when_needed(tmp_p
     lengths = [100, 100]
     tok = word_tokenizer(all_words(lengths), adds_bos=True)
     text = prepare_text(tok, data_cfg(write_docs(tmp_path, lengths), num_samples=6, seq_len=16),
-                        eval_cfg(enabled=False))
+                        eval_cfg(enabled=False, path="not-read.txt"))
     doc0 = tok(doc_words(0, 100), add_special_tokens=False).input_ids
     windows = text.calibration.tolist()
     assert all(w[0] == 1 for w in windows)
@@ -150,7 +150,7 @@ def test_documents_give_further_windows_of_long_documents_only_when_needed(tmp_p
     assert [w[1:] for w in windows if w[1] in doc0] == [doc0[0:15], doc0[15:30], doc0[30:45]]
     with pytest.raises(FabricqError, match="give 12 windows of data.seq_len=16, but data.num_samples=13"):
         prepare_text(tok, data_cfg(write_docs(tmp_path, lengths), num_samples=13, seq_len=16),
-                     eval_cfg(enabled=False))
+                     eval_cfg(enabled=False, path="not-read.txt"))
 
 
 def test_held_out_documents_never_reach_calibration(tmp_path):
@@ -222,7 +222,7 @@ def test_chat_messages_are_rendered_through_the_template(tmp_path):
     file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     words = all_words([4] * 6) + [f"d{i + 10}w{j}" for i in range(6) for j in range(5)] + ["user", "assistant"]
     tok = word_tokenizer(words, adds_bos=True, chat_template=TEMPLATE)
-    text = prepare_text(tok, data_cfg(file, num_samples=2, seq_len=40, chat_template=True), eval_cfg(enabled=False))
+    text = prepare_text(tok, data_cfg(file, num_samples=2, seq_len=40, chat_template=True), eval_cfg(enabled=False, path="not-read.txt"))
     rendered = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False).input_ids for c in chats]
     assert all(r[0] == 1 for r in rendered)  # the template writes BOS itself: windows must not double it
     window = text.calibration[0].tolist()
@@ -250,7 +250,7 @@ def test_chat_template_errors_name_the_file_and_row(tmp_path):
         load_conversations(str(file))
     tok = word_tokenizer(["a"], adds_bos=True)  # no chat template
     with pytest.raises(FabricqError, match="tokenizer has no chat template"):
-        prepare_text(tok, data_cfg(file, chat_template=True), eval_cfg(enabled=False))
+        prepare_text(tok, data_cfg(file, chat_template=True), eval_cfg(enabled=False, path="not-read.txt"))
 
 
 # --- bad data files

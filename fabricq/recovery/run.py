@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
 from fabricq import runtime
 from fabricq.config import load_settings
@@ -44,9 +45,25 @@ def work_dir_for(run_dir: Path) -> Path:
 
 
 def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark since the last `reset_peak_rss` (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (Linux: `5` into clear_refs), so the evaluation's full-vocabulary
+    log-probs are not counted as the recovery's own memory."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the lifetime peak is reported
+        pass
 
 
 def recovery_text(tokenizer, cfg: DictConfig, s: RecoveryPlan, windows_needed: int) -> torch.Tensor:
@@ -177,13 +194,18 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                                                      device=device)
             teacher_mod.save_teacher(targets_kl, path)
     timings["teacher_s"] = time.perf_counter() - tick
-    reference, before, eval_s = None, None, 0.0
+    peaks = [peak_rss_mib()]
+    reference_file, before, eval_s = work / f"reference.rank{rank}.safetensors", None, 0.0
     if cfg.eval.enabled:
         tick = time.perf_counter()
         model.to(device)
         before, reference = _reference(fabric, model, text, cfg, run.report)
+        # Full-vocabulary log-probs (hundreds of MiB): on disk until the evaluation at the end.
+        save_file({str(i): r for i, r in enumerate(reference)}, reference_file)
+        del reference
         eval_s = time.perf_counter() - tick
     model.to("cpu")
+    reset_peak_rss()
 
     # The student: the exported base with adapters over the target modules.
     tick = time.perf_counter()
@@ -218,7 +240,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         os.replace(staging, adapter_dir)
     fabric.barrier()
     wall = time.perf_counter() - start - eval_s  # evaluation is reported apart
-    peak_before_eval = peak_rss_mib()
+    peak_before_eval = max(peaks + [peak_rss_mib()])  # teacher / EoRA / training, not evaluation
     compute_dtype = model.dtype  # the exported tensors are evaluated in it, as the run evaluated them
     del model, lora, targets_kl, local
     gc.collect()
@@ -238,6 +260,8 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                            "modules_improved": sum(v["error_after"] < v["error_before"] for v in eora_stats.values())}
     if cfg.eval.enabled:
         tick = time.perf_counter()
+        stored = load_file(reference_file)
+        reference = [stored[str(i)] for i in range(len(stored))]
         served = load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype).to(device)
         stride = cfg.eval.get("stride")
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
@@ -251,7 +275,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                        ppl_gap_closed=_gap(before["ppl"], base["ppl"], recovered["ppl"]),
                        kl_gap_closed=_gap(0.0, base["kl"], recovered["kl"]), eval_tokens=recovered["tokens"])
         timings["eval_s"] = eval_s + time.perf_counter() - tick
-        section["peak_rss_with_eval_mib"] = peak_rss_mib()
+        section["peak_rss_eval_mib"] = peak_rss_mib()  # the evaluation after recovery
     if rank == 0:
         report_path = run_dir / "report.json"
         report = json.loads(report_path.read_text())
