@@ -286,6 +286,7 @@ def export(job: Job, gptq: GPTQCallback) -> dict:
             "seq_len": int(job.text.calibration.shape[1]),
             # Fingerprint of the exact token windows, so other tools can be fed the same.
             "sha256": job.identity["data_sha256"],
+            "convention": job.text.calibration_convention,  # bos, sampling, chat_template
         },
         wall_s=time.perf_counter() - job.start,
         peak_rss_mib=peak_rss_mib(),

@@ -18,6 +18,14 @@ EXAMPLES = REPO_ROOT / "examples"
 SMALL = ["data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.seq_len=64", "eval.max_windows=2"]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_example(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(list(args), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -66,7 +74,7 @@ def test_torchrun_launch_on_one_node(tiny, tmp_path):
         pytest.skip("torchrun is not installed beside this Python")
     done = run_example("bash", str(EXAMPLES / "multinode_torchrun.sh"), str(out), f"model.path={model}",
                        f"data.path={text}", *SMALL, "distributed.cpu_oversubscribe=true",
-                       env={"NNODES": "1", "NPROC": "2", "PORT": "29517", "PATH": f"{torchrun.parent}:{os.environ['PATH']}"})
+                       env={"NNODES": "1", "NPROC": "2", "PORT": str(free_port()), "PATH": f"{torchrun.parent}:{os.environ['PATH']}"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "report.json").read_text())["distributed"]["world_size"] == 2
 
