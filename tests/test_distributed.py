@@ -344,6 +344,10 @@ def _small(shared_path):
         "data.num_samples=13", "data.seq_len=64", "data.batch_size=2",
         "eval.seq_len=64", "eval.max_windows=3", "eval.kl_windows=2",
         OVERSUBSCRIBE, "distributed.timeout_s=60",
+        # float32 scales: with bfloat16 ones (the default export of a float32 model) a last-bit
+        # difference of a float32 Hessian summed in another order can move a scale across a bf16
+        # rounding boundary and flip a whole group, which is not what these comparisons measure.
+        "export.dtype=float32",
     ]
 
 

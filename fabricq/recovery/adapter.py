@@ -45,8 +45,9 @@ def save_peft_adapter(folder: Path, modules: dict[str, LoRALinear], linear_names
 
     first = next(iter(modules.values()))
     dropout = first.dropout.p if isinstance(first.dropout, torch.nn.Dropout) else 0.0
+    alpha = int(first.alpha) if float(first.alpha).is_integer() else first.alpha  # PEFT's field is an int
     config = LoraConfig(
-        r=first.rank, lora_alpha=first.alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        r=first.rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=target_modules_for(list(modules), linear_names), base_model_name_or_path=base_model,
     )
     folder = Path(folder)

@@ -191,7 +191,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
             teacher_mod.check_head(model, local[0], device)
             model.to(device)
             targets_kl = teacher_mod.compute_teacher(model, local, k=s.top_k, temperature=s.train.temperature,
-                                                     device=device)
+                                                     device=device, desc="Teacher" if rank == 0 else None)
             teacher_mod.save_teacher(targets_kl, path)
     timings["teacher_s"] = time.perf_counter() - tick
     peaks = [peak_rss_mib()]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from fabricq.errors import FabricqError
 
@@ -89,8 +90,9 @@ class TeacherTargets:
 
 @torch.no_grad()
 def compute_teacher(model, windows: torch.Tensor, *, k: int, temperature: float, device, chunk: int = 128,
-                    progress=None) -> TeacherTargets:
-    """Run the teacher over every window (one at a time), keeping only the top-k summary."""
+                    desc: str | None = None) -> TeacherTargets:
+    """Run the teacher over every window (one at a time), keeping only the top-k summary; with
+    `desc`, a progress bar."""
     n, length = windows.shape
     vocab = model.get_output_embeddings().weight.shape[0]
     if k > vocab:
@@ -98,14 +100,12 @@ def compute_teacher(model, windows: torch.Tensor, *, k: int, temperature: float,
     indices = torch.empty(n, length - 1, k, dtype=torch.int32)
     logprobs = torch.empty(n, length - 1, k)
     rest = torch.empty(n, length - 1)
-    for i, window in enumerate(windows):
+    for i, window in enumerate(tqdm(windows, desc=desc, unit="window", disable=desc is None, mininterval=2)):
         hidden = final_hidden(model, window[None].to(device))[:, :-1]
         for start, logits in logit_chunks(model, hidden, chunk):
             top, idx, r = _top_and_rest(F.log_softmax(logits.float() / temperature, dim=-1)[0], k)
             end = start + top.shape[0]
             logprobs[i, start:end], indices[i, start:end], rest[i, start:end] = top.cpu(), idx.cpu(), r.cpu()
-        if progress is not None:
-            progress(i + 1, n)
     return TeacherTargets(indices, logprobs, rest, float(temperature), windows_digest(windows))
 
 
