@@ -4,9 +4,10 @@ Sums are kept as sums (never running averages) in float32 or float64 and divided
 end, by the total token count: a running average rescales the sum at every step and its rounding
 error grows with the number of batches. Partial sums from several ranks add exactly the same way.
 
-H is symmetric, so each batch only computes its lower triangle, in column strips (a few large
-matrix products instead of one, ~1/3 less work); the upper triangle is mirrored from the lower
-one whenever the sum is read, which also makes `sum` exactly symmetric. Ranks add up their
+H is symmetric, so each wide batch only computes its lower triangle, in column strips (a few large
+matrix products instead of one, ~1/3 less work); narrow ones get one plain product. Either way the
+upper triangle is mirrored from the lower one whenever the sum is read, which makes `sum` exactly
+symmetric (a plain product is not bit-symmetric). Ranks add up their
 `partial_sum`s in place and the rank(s) holding the total record its token count with
 `install_total`.
 """
@@ -62,7 +63,7 @@ class HessianAccumulator:
         `tokens` tokens in all. Its lower triangle is exact; the upper one is mirrored from it
         when read, as after `add`."""
         self._tokens = tokens
-        self._upper_stale = len(self._edges) > 2
+        self._upper_stale = True
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs (..., columns); every leading index is one token."""
@@ -78,7 +79,7 @@ class HessianAccumulator:
             # Strip j: rows from its first column down, i.e. the lower triangle block column.
             for start, end in zip(edges[:-1], edges[1:]):
                 accumulate_gram(self._sum[start:, start:end], x[:, start:], x[:, start:end])
-            self._upper_stale = True
+        self._upper_stale = True
         self._tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
