@@ -28,7 +28,7 @@ from fabricq.errors import FabricqError
 Check = Callable[[Any, str], Any]  # (value, "group.field") -> the value, or raise FabricqError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-ACTORDERS = ("none", "static", "dynamic")
+ACTORDERS = ("none", "static", "dynamic", "folded")
 METHODS = ("gptq", "rtn")
 HESSIAN_DTYPES = ("float32", "float64")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the names fabricq.models.DTYPES maps to torch dtypes
@@ -201,7 +201,9 @@ class EvalSettings:
     seq_len: int = setting(2048, POSITIVE)
     max_windows: int | None = setting(8, optional(integer(1, "a positive integer or null (the whole text)")))
     stride: int | None = setting(None, optional(integer(1, "a positive integer or null (non-overlapping windows)")))
-    kl_windows: int = setting(2, integer(0, "an integer ≥ 0"))
+    kl_windows: int = setting(8, integer(0, "an integer ≥ 0"))
+    kl_top_k: int = setting(64, POSITIVE)
+    cache: bool = setting(True, boolean)
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ class RecoverySettings:
     dropout: float = setting(0.0, number("a number from 0 to 1 (exclusive)", at_least=0, below=1))
     target_modules: tuple[str, ...] | None = setting(None, optional(module_names))
     init: str = setting("eora", one_of("eora", "zeros"))
-    steps: int = setting(64, integer(0, "a positive integer (0 only with recovery=eora)"))
+    steps: int = setting(16, integer(0, "a positive integer (0 only with recovery=eora)"))
     lr: float = setting(1e-4, number("a positive number", above=0))
     schedule: str = setting("cosine", one_of("cosine", "linear", "constant"))
     warmup: int = setting(4, integer(0, "an integer ≥ 0"))
@@ -249,7 +251,7 @@ class RecoverySettings:
     eora_samples: int = setting(32, POSITIVE)
     damp: float = setting(0.01, number("a finite number between 0 and 1 (exclusive)", above=0, below=1))
     data: RecoveryDataSettings = section(RecoveryDataSettings)
-    checkpoint_every: int = setting(16, POSITIVE)
+    checkpoint_every: int = setting(4, POSITIVE)
     log_every: int = setting(4, POSITIVE)
     logit_chunk: int = setting(128, POSITIVE)
     activation_checkpointing: bool = setting(True, boolean)
@@ -353,6 +355,8 @@ def load_settings(cfg: DictConfig | dict, environ=os.environ) -> Settings:
     input file, or a launch this machine and environment cannot do."""
     node = _plain(cfg) if isinstance(cfg, DictConfig) else cfg
     settings = _build(Settings, node, "", _unused(node))
+    from fabricq.runtime import check_launch  # runtime imports this module
+
     check_combinations(settings)
     check_input_files(settings)
     check_launch(settings, environ)
@@ -389,69 +393,3 @@ def check_input_files(s: Settings) -> None:
     check_text_path(s.data.path, "data.path")
     if s.eval.enabled:
         check_text_path(s.eval.path, "eval.path")
-
-
-# Can this launch happen here? (devices of this machine, the launcher's environment)
-
-# Environment variables by which an external launcher (torchrun / SLURM) announces the ranks.
-_TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK")
-_SLURM_VARS = ("SLURM_NTASKS", "SLURM_PROCID")
-_MANUAL_MULTINODE_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
-
-
-def external_launcher(environ=os.environ) -> str | None:
-    """'torchrun' or 'slurm' when such a launcher started this process, else None."""
-    if any(v in environ for v in _TORCHRUN_VARS):
-        return "torchrun"
-    if all(v in environ for v in _SLURM_VARS) and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        return "slurm"
-    return None
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def uses_cuda(accelerator: str) -> bool:
-    import torch
-
-    return accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def check_launch(s: Settings, environ=os.environ) -> None:
-    """Every check on trainer/distributed that can fail before processes start."""
-    trainer, devices = s.trainer, s.trainer.devices
-    # One device on whatever is there cannot fail: no torch import just to learn whether CUDA is.
-    cuda = not (trainer.accelerator == "auto" and devices == 1 and trainer.strategy != "fsdp") and uses_cuda(
-        trainer.accelerator)
-    if trainer.strategy == "fsdp" and not cuda:
-        raise FabricqError("trainer.strategy=fsdp needs CUDA devices (Fabric's FSDP is GPU-only): use ddp on CPU")
-    if cuda:
-        import torch
-
-        if devices > torch.cuda.device_count():
-            raise FabricqError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif trainer.accelerator in ("auto", "cpu") and devices > usable_cpus() and not s.distributed.cpu_oversubscribe:
-        raise FabricqError(
-            f"trainer.devices={devices} CPU ranks but only {usable_cpus()} usable CPU core(s): one rank per core "
-            "(pass distributed.cpu_oversubscribe=true to run more ranks than cores anyway)"
-        )
-    world, launcher = trainer.world_size, external_launcher(environ)
-    if launcher == "torchrun" and "WORLD_SIZE" in environ and int(environ["WORLD_SIZE"]) != world:
-        raise FabricqError(
-            f"torchrun started {environ['WORLD_SIZE']} processes but trainer.devices × trainer.num_nodes = {world}"
-        )
-    if launcher == "slurm" and int(environ["SLURM_NTASKS"]) != world:
-        raise FabricqError(
-            f"SLURM started {environ['SLURM_NTASKS']} tasks but trainer.devices × trainer.num_nodes = {world}"
-        )
-    if trainer.num_nodes > 1 and launcher is None:
-        missing = [v for v in _MANUAL_MULTINODE_VARS if v not in environ]
-        if missing:
-            raise FabricqError(
-                f"trainer.num_nodes={trainer.num_nodes} needs a multi-node launch: start it with torchrun or "
-                f"srun, or set {', '.join(missing)} on every node (see README, Distributed runs)"
-            )

@@ -122,7 +122,7 @@ def test_no_recipe_means_gptq_w4():
     ("quant.group_size=64.0", "quant.group_size must be a positive integer or -1 (per-channel), got 64.0"),
     ("quant.group_size=10000000000", "quant.group_size must be at most 1048576 (wider than any layer; -1 gives "
                                      "one group per row), got 10000000000"),
-    ("quant.actorder=random", "quant.actorder must be one of ('none', 'static', 'dynamic'), got 'random'"),
+    ("quant.actorder=random", "quant.actorder must be one of ('none', 'static', 'dynamic', 'folded'), got 'random'"),
     ("quant.method=awq", "quant.method must be one of ('gptq', 'rtn'), got 'awq'"),
     ("quant.block_size=0", "quant.block_size must be a positive integer, got 0"),
     ("data.num_samples=-1", "data.num_samples must be a positive integer, got -1"),
@@ -157,7 +157,7 @@ def test_good_edge_values_pass():
 @pytest.mark.parametrize("override, message", [
     ("+quant.anything=1", f"unknown setting quant.anything: the quant settings are {QUANT_NAMES}"),
     ("+eval.bogus=1", "unknown setting eval.bogus: the eval settings are enabled, path, seq_len, max_windows, "
-                      "stride, kl_windows"),
+                      "stride, kl_windows, kl_top_k, cache"),
     ("+verbose=true", "unknown setting verbose: the top-level keys are model, data, quant, trainer, distributed, "
                       "cache, pipeline, eval, export, " + "".join(f"{f.name}, " for f in dataclasses.fields(Settings)
                                                                    if f.name == "recovery")
@@ -244,7 +244,7 @@ def test_launch_checks(overrides, environ, message):
 
 
 def test_cpu_ranks_beyond_the_cores_need_cpu_oversubscribe():
-    from fabricq.config import usable_cpus
+    from fabricq.runtime import usable_cpus
 
     many = f"trainer.devices={usable_cpus() + 1}"
     assert refused("trainer.accelerator=cpu", many, "data.batch_size=1").endswith(
