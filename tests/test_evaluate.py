@@ -64,3 +64,126 @@ def test_sliding_windows_score_only_the_new_tokens():
     combined = (math.log(head["ppl"]) * head["tokens"] + math.log(tail["ppl"]) * tail["tokens"])
     assert head["tokens"] + tail["tokens"] == first["tokens"]
     assert math.exp(combined / first["tokens"]) == pytest.approx(first["ppl"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded memory: logits a chunk of positions at a time, against the whole-window computation
+# --------------------------------------------------------------------------------------------
+
+
+def whole_window_nll(model, window: torch.Tensor, scored: int) -> float:
+    """The previous evaluator's computation: all logits, one log-softmax, the scored targets."""
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(input_ids=window[None]).logits[0, :-1].to(torch.float64), -1)[-scored:]
+    return float(-logprobs.gather(1, window[-scored:, None]).sum())
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_chunked_loss_equals_the_whole_window_loss(dtype, rel):
+    from fabricq.evaluate import evaluate_window
+
+    model = tiny_model(3).to(dtype)
+    window = torch.randint(0, 64, (300,), generator=torch.Generator().manual_seed(4))
+    for scored in (299, 40):
+        expected = whole_window_nll(model, window, scored)
+        for chunk in (1, 7, 128, 4096):  # one position, ragged chunks, one chunk for everything
+            result, _ = evaluate_window(model, window, "cpu", scored, chunk=chunk)
+            assert result.tokens == scored
+            assert result.nll == pytest.approx(expected, rel=rel, abs=0), (scored, chunk)
+    if dtype is torch.float64:  # float64 rows: the chunked rows are the whole-window rows
+        result, _ = evaluate_window(model, window, "cpu", 299, chunk=7, keep=True)
+        with torch.no_grad():
+            rows = F.log_softmax(model(input_ids=window[None]).logits[0, :-1], -1)
+        assert torch.equal(result.reference, rows.to(torch.float16))
+
+
+def test_models_whose_logits_are_not_the_plain_head_use_their_own_logits():
+    """Gemma2 soft-caps its logits: the decoder-output × head shortcut would be wrong, so the
+    evaluation must notice and fall back to the model's logits (still chunked afterwards)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, max_position_embeddings=128)).eval()
+    windows = torch.randint(0, 64, (2, 50), generator=torch.Generator().manual_seed(5))
+    expected = sum(whole_window_nll(model, w, 49) for w in windows) / 98
+    assert evaluate(model, windows, "cpu")["ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_perplexity_on_stories260k_is_the_previous_evaluators(shared_path):
+    """The real tiny model, default-style windows: the same perplexity as the whole-window
+    computation, with and without a stride."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(shared_path("models", "stories260k"), dtype=torch.float32).eval()
+    windows = torch.randint(1, 512, (3, 256), generator=torch.Generator().manual_seed(6))
+    for stride in (None, 100):
+        scored = [255 if stride is None or i == 0 else stride for i in range(3)]
+        expected = sum(whole_window_nll(model, w, s) for w, s in zip(windows, scored)) / sum(scored)
+        result = evaluate(model, windows, "cpu", stride=stride)
+        assert result["tokens"] == sum(scored)
+        assert result["ppl"] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The top-k reference: a lower bound of the full KL, with the gap the chain rule predicts
+# --------------------------------------------------------------------------------------------
+
+
+def test_top_k_kl_bounds_the_full_kl_from_below_with_the_chain_rule_gap():
+    """Coarsening both distributions to top-k ∪ {rest} loses exactly
+    Σ_positions p(rest) · KL(p(·|rest) ‖ q(·|rest)) (chain rule of KL): so 0 ≤ full − top-k, the
+    gap is that sum, it never grows with k, and k = vocabulary gives the full KL."""
+    windows = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(7))
+    a, b = tiny_model(0), tiny_model(1)
+    with torch.no_grad():
+        p = F.log_softmax(a(input_ids=windows).logits[:, :-1].double(), -1).reshape(-1, 64)
+        q = F.log_softmax(b(input_ids=windows).logits[:, :-1].double(), -1).reshape(-1, 64)
+    positions = p.shape[0]
+    full = float((p.exp() * (p - q)).sum()) / positions
+    assert evaluate(b, windows, "cpu", reference=evaluate(a, windows, "cpu", keep=2)["logprobs"])["kl"] == \
+        pytest.approx(full, rel=1e-2)  # full float16 rows, as before
+    previous = -1.0
+    for k in (1, 4, 16, 63, 64):
+        kept = evaluate(a, windows, "cpu", keep=2, top_k=k)["logprobs"]
+        assert all(ref[0].shape == (59, k) and ref[2].shape == (59,) for ref in kept)
+        kl = evaluate(b, windows, "cpu", reference=kept)["kl_lower_bound"]
+        # The gap by the chain rule, from the full distributions (independent of fabricq's code).
+        top = p.topk(k, -1).indices
+        rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, top, False)
+        p_rest = torch.where(rest, p.exp(), 0).sum(-1)
+        q_rest = torch.where(rest, q.exp(), 0).sum(-1)
+        cond = torch.where(rest, p.exp() / p_rest[:, None].clamp_min(1e-300), 0)
+        inner = torch.where(rest & (cond > 0), cond * ((p - p_rest[:, None].log()) - (q - q_rest[:, None].log())), 0)
+        gap = float((p_rest * inner.sum(-1)).sum()) / positions
+        assert kl <= full * (1 + 1e-5)
+        assert full - kl == pytest.approx(gap, rel=1e-3, abs=1e-6), k
+        assert kl >= previous - 1e-6  # more kept tokens: never a smaller KL
+        previous = kl
+    assert kl == pytest.approx(full, rel=1e-5)  # k = vocabulary: the full KL
+
+
+def test_tail_samples_make_the_kl_estimate_unbiased():
+    """The drawn tail tokens estimate p(rest)·KL(p(·|rest) ‖ q(·|rest)): exact when the tail is a
+    single token (k = vocabulary − 1), and over independent draws (other window indices seed
+    other draws) the mean estimate is the full KL within its standard error."""
+    windows = torch.randint(0, 64, (1, 80), generator=torch.Generator().manual_seed(8))
+    a, b = tiny_model(0), tiny_model(1)
+    with torch.no_grad():
+        p = F.log_softmax(a(input_ids=windows).logits[:, :-1].double(), -1)
+        q = F.log_softmax(b(input_ids=windows).logits[:, :-1].double(), -1)
+    full = float((p.exp() * (p - q)).sum()) / 79
+    one_token_tail = evaluate(a, windows, "cpu", keep=1, top_k=63)["logprobs"]
+    assert evaluate(b, windows, "cpu", reference=one_token_tail)["kl"] == pytest.approx(full, rel=1e-5)
+    estimates = []
+    for seed in range(30):
+        kept = evaluate(a, windows, "cpu", keep=1, top_k=2, first_index=seed)["logprobs"]
+        result = evaluate(b, windows, "cpu", reference=kept, first_index=seed)
+        assert result["kl_lower_bound"] < full  # k = 2 of 64: the bound alone misses much
+        estimates.append(result["kl"])
+    estimates = torch.tensor(estimates, dtype=torch.float64)
+    assert len(set(estimates.tolist())) == 30  # the draws differ by seed
+    error = 4 * float(estimates.std()) / math.sqrt(len(estimates))
+    assert abs(float(estimates.mean()) - full) < error
+    assert float(estimates.std()) < 0.5 * full  # 79 positions × 16 draws, 97% of the mass in the tail

@@ -50,23 +50,34 @@ def logit_chunks(model, hidden: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
+def head_is_plain(model, input_ids: torch.Tensor) -> bool:
+    """Whether the model's logits are exactly `head_logits(final_hidden(…))` on `input_ids`."""
+    try:
+        direct = model(input_ids=input_ids, use_cache=False).logits
+        rebuilt = head_logits(model, final_hidden(model, input_ids))
+    except (AttributeError, NotImplementedError, TypeError):  # no get_decoder / output embeddings
+        return False
+    return direct.shape == rebuilt.shape and torch.allclose(direct.float(), rebuilt.float(), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def check_head(model, window: torch.Tensor, device) -> None:
     """The logits `head_logits` builds must be the model's own (no soft-capping or scaling the
     chunked path would miss): checked once, on one window."""
-    ids = window[None].to(device)
-    direct = model(input_ids=ids, use_cache=False).logits
-    rebuilt = head_logits(model, final_hidden(model, ids))
-    if not torch.allclose(direct.float(), rebuilt.float(), rtol=1e-4, atol=1e-4):
+    if not head_is_plain(model, window[None].to(device)):
         raise FabricqError(f"{type(model).__name__} does not compute its logits as output embedding(decoder "
                            "output), which recovery relies on: this architecture is not supported")
 
 
-def _top_and_rest(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_and_rest(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probs (…, k), their token ids, and log(1 − Σ top-k p) computed as a log-sum-exp
     over the other tokens (−inf when k covers the vocabulary): no cancellation near 1."""
     top, idx = logprobs.topk(k, dim=-1)
     rest = logprobs.scatter(-1, idx, float("-inf")).logsumexp(-1)
     return top, idx, rest
+
+
+_top_and_rest = top_and_rest  # the name tests/test_recovery_math.py uses
 
 
 @dataclass
@@ -103,7 +114,7 @@ def compute_teacher(model, windows: torch.Tensor, *, k: int, temperature: float,
     for i, window in enumerate(tqdm(windows, desc=desc, unit="window", disable=desc is None, mininterval=2)):
         hidden = final_hidden(model, window[None].to(device))[:, :-1]
         for start, logits in logit_chunks(model, hidden, chunk):
-            top, idx, r = _top_and_rest(F.log_softmax(logits.float() / temperature, dim=-1)[0], k)
+            top, idx, r = top_and_rest(F.log_softmax(logits.float() / temperature, dim=-1)[0], k)
             end = start + top.shape[0]
             logprobs[i, start:end], indices[i, start:end], rest[i, start:end] = top.cpu(), idx.cpu(), r.cpu()
     return TeacherTargets(indices, logprobs, rest, float(temperature), windows_digest(windows))
@@ -129,7 +140,7 @@ def load_teacher(path: Path) -> TeacherTargets | None:
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
         tensors = load_file(path)
-    except Exception:  # a torn or foreign file: recompute rather than fail
+    except Exception:  # noqa: BLE001 - a torn or foreign file: recompute rather than fail
         return None
     if meta.get("format") != str(FORMAT):
         return None
@@ -147,6 +158,12 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprob
     """Σ over positions of the coarsened KL(teacher ‖ student) (module docstring), times T².
     student_logits (…, vocab); indices/teacher_logprobs (…, k); teacher_rest (…)."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return topk_kl_from_logprobs(student, indices, teacher_logprobs, teacher_rest) * temperature**2
+
+
+def topk_kl_from_logprobs(student: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
+                          teacher_rest: torch.Tensor) -> torch.Tensor:
+    """`topk_kl` at T = 1 from the student's log-probs (…, vocab) (the evaluation has them already)."""
     s_top = student.gather(-1, indices)
     s_rest = student.scatter(-1, indices, float("-inf")).logsumexp(-1)
     p_top = teacher_logprobs.exp()
@@ -154,7 +171,7 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprob
     has_rest = torch.isfinite(teacher_rest)
     safe_rest = torch.where(has_rest, teacher_rest, torch.zeros_like(teacher_rest))
     rest_terms = torch.where(has_rest, safe_rest.exp() * (safe_rest - s_rest), torch.zeros_like(teacher_rest))
-    return (top_terms + rest_terms).sum() * temperature**2
+    return (top_terms + rest_terms).sum()
 
 
 def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
