@@ -127,7 +127,8 @@ def check_export_config(export, quant) -> None:
         raise FabricqError(
             "quant.actorder=dynamic stores act-order groups (g_idx) that compressed-tensors >= 0.19 refuses "
             "(its actorder 'group' was removed), so transformers and vLLM could not load the checkpoint: use "
-            "quant.actorder=static (groups stay contiguous), or export.format=gptq (desc_act with g_idx)"
+            "quant.actorder=static (groups stay contiguous), quant.actorder=folded (act-order folded into the "
+            "weights, groups contiguous), or export.format=gptq (desc_act with g_idx)"
         )
 
 
@@ -136,7 +137,8 @@ def module_specs(shapes: dict[str, tuple[int, int]], scheme: QuantScheme) -> lis
     group-size fallback applied."""
     return [
         ModuleSpec(name, out, inp, scheme.bits, effective_group_size(scheme.group_size, inp),
-                   scheme.symmetric, scheme.actorder)
+                   # folded act-order writes contiguous groups, as static does
+                   scheme.symmetric, "static" if scheme.actorder == "folded" else scheme.actorder)
         for name, (out, inp) in shapes.items()
     ]
 

@@ -8,6 +8,7 @@ or one group at a gate of a true-sequential forward.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from fabricq.callbacks.hessians import SharedInputHessians
+from fabricq.quant.fold import HeadLayout, head_order
 from fabricq.quant.gptq import PackedQuantizedWeight, PreparedHessian, QuantizedWeight, gptq_solve, layer_objectives, prepare_hessian, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
 
@@ -27,6 +29,8 @@ from fabricq.quant.grid import QuantScheme, effective_group_size
 # (256 MiB in float32; e.g. gate/up of an 8B model) are solved in consecutive batches of modules —
 # at such row counts the per-column loop that stacking saves is small next to the rows' work.
 STACKED_SOLVE_ELEMENTS = 1 << 26
+
+log = logging.getLogger("fabricq")
 
 
 @dataclass
@@ -45,6 +49,19 @@ class GPTQSettings:
     # Scales are rounded to this dtype while solving, so the export stores them exactly (the
     # export's scale dtype, fabricq.serving.scale_dtype_for); None: each weight's own dtype.
     scale_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class ModuleOrder:
+    """How one module is solved under folded act-order (`fabricq.quant.fold`): "dynamic" (groups
+    follow the solve order, folded into contiguous groups once the layer is solved) or "static";
+    `heads`: o_proj's solve order is `head_order` of this layout instead of the descending diagonal."""
+
+    actorder: str
+    heads: HeadLayout | None = None
+
+
+STATIC_ORDER = ModuleOrder("static")
 
 
 @dataclass
@@ -82,10 +99,18 @@ class GroupQuantizer:
         self._prepared: dict[str, _SharedPreparation] = {}
         self._prepared_for: weakref.ref | None = None
         self._prepared_lock = threading.Lock()
+        # Folded act-order: module → how it is solved, set by GPTQCallback for the layer being
+        # solved (every rank sets the same); modules absent are solved static.
+        self.orders: dict[str, ModuleOrder] = {}
 
-    def scheme_for(self, in_features: int) -> QuantScheme:
+    def scheme_for(self, in_features: int, name: str | None = None) -> QuantScheme:
+        """A module's grid: the run's scheme at its effective group size; under folded
+        act-order, with module `name`'s own act-order (without a name it stays "folded")."""
         base = self.settings.scheme
-        return replace(base, group_size=effective_group_size(base.group_size, in_features))
+        scheme = replace(base, group_size=effective_group_size(base.group_size, in_features))
+        if base.actorder == "folded" and name is not None:
+            scheme = replace(scheme, actorder=self.orders.get(name, STATIC_ORDER).actorder)
+        return scheme
 
     @property
     def prepared_groups(self) -> int:
@@ -104,7 +129,12 @@ class GroupQuantizer:
         instead of once per module. Each module's `seconds` is its share (by rows) of the joint
         solve plus its own report objectives."""
         start = time.perf_counter()
-        scheme = self.scheme_for(weights[0].shape[1])
+        scheme = self.scheme_for(weights[0].shape[1], names[0])
+        if len({self.orders.get(n, STATIC_ORDER) for n in names}) > 1:
+            # Members of one shared input solved in different orders: not a layout the folding
+            # plans (o_proj, down_proj read inputs of their own); static is always exact.
+            log.warning("%s share an input but not a folded act-order: solved static", ", ".join(names))
+            scheme = replace(scheme, actorder="static")
         if hessians is None:
             solved = []
             for weight in weights:
@@ -142,6 +172,8 @@ class GroupQuantizer:
             loss, rtn_loss = layer_objectives(weight, [dequantized, rtn], h)
             seconds = time.perf_counter() - began + shared_s * n_rows / sum(rows)
             stats = {"loss": loss, "rtn_loss": rtn_loss, "tokens": tokens}
+            if self.settings.scheme.actorder == "folded":
+                stats["actorder"] = scheme.actorder  # what folded act-order solved this module with
             solved.append((result, _module_stats(result, scheme, stats, seconds), dequantized))
         return solved
 
@@ -164,7 +196,9 @@ class GroupQuantizer:
         with entry.lock:
             if entry.value is None:
                 h = hessians.hessian(names[0])
-                entry.value = (h, prepare_hessian(h, scheme.actorder, damp=self.settings.damp))
+                heads = self.orders.get(names[0], STATIC_ORDER).heads if scheme.actorder == "dynamic" else None
+                order = None if heads is None else head_order(h.diagonal(), heads)
+                entry.value = (h, prepare_hessian(h, scheme.actorder, damp=self.settings.damp, order=order))
             value = entry.value
         with self._prepared_lock:
             entry.waiting.difference_update(names)

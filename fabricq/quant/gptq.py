@@ -238,10 +238,17 @@ class PreparedHessian:
 
 
 def prepare_hessian(hessian: torch.Tensor, actorder: str, *, damp: float = 0.01,
-                    max_damp: float = 10.0) -> PreparedHessian:
+                    max_damp: float = 10.0, order: torch.Tensor | None = None) -> PreparedHessian:
     """Dead columns, act-order permutation and the damped inverse factor of `hessian` (columns,
     columns); damping grows tenfold while the damped Hessian is not positive definite, up to
-    `max_damp`."""
+    `max_damp`. `order`: a solve order to use instead of the descending diagonal (folded
+    act-order's o_proj, `fabricq.quant.fold.head_order`); only with actorder "dynamic", whose
+    groups follow the solve order."""
+    if actorder == "folded":
+        raise ValueError("actorder 'folded' is resolved per module (static or dynamic) before solving: "
+                         "see fabricq.callbacks.solver")
+    if order is not None and actorder != "dynamic":
+        raise ValueError(f"a given solve order needs actorder 'dynamic', not {actorder!r}")
     columns = hessian.shape[0]
     h = hessian.to(dtype=torch.float32).clone()
 
@@ -251,6 +258,10 @@ def prepare_hessian(hessian: torch.Tensor, actorder: str, *, damp: float = 0.01,
 
     if actorder == "none":
         perm = torch.arange(columns, device=h.device)
+    elif order is not None:
+        perm = order.to(device=h.device, dtype=torch.long)
+        if not torch.equal(torch.sort(perm).values, torch.arange(columns, device=h.device)):
+            raise ValueError(f"order is not a permutation of {columns} columns")
     else:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     h = h.index_select(0, perm).index_select(1, perm)  # index_select: a plain, fast gather

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-ACTORDERS = ("none", "static", "dynamic")
+ACTORDERS = ("none", "static", "dynamic", "folded")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class QuantScheme:
     group_size: columns sharing one scale/zero per row; -1 means one per row (per-channel).
     actorder: "none" solves columns left to right; "static" solves them in descending
     Hessian-diagonal order while groups stay contiguous (scales fixed up front, nothing extra
-    saved); "dynamic" lets groups follow the solve order (a g_idx maps columns to groups).
+    saved); "dynamic" lets groups follow the solve order (a g_idx maps columns to groups);
+    "folded" is a run-level choice (dynamic where the order folds into the weights, static
+    elsewhere: fabricq.quant.fold), resolved per module before any solve.
     """
 
     bits: int = 4
