@@ -2,14 +2,15 @@
 
 `run` reads top to bottom; each phase is a function of the `Job` the first one builds. Every check
 on user input happens before the model is loaded (`fabricq.config`), and the output directory only
-appears, complete, at the very end (`fabricq.output`).
+appears, complete, at the very end (`fabricq.output`). The calibration itself is the one the Python
+API and the Lightning callback run (`fabricq.core.calibrate_and_quantize`): this module adds the
+files, the resume directory and the output around it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,63 +18,38 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fabricq import runtime
+from fabricq import core, runtime
 from fabricq.calibration.cache import ActivationCache, cache_from_config
-from fabricq.calibration.loop import CalibrationLoop
-from fabricq.callbacks.checkpoint import CheckpointCallback
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
-from fabricq.callbacks.progress import ProgressCallback
 from fabricq.callbacks.release import ReleaseFinishedWeights
 from fabricq.config import Settings, load_settings
+from fabricq.core import HESSIAN_DTYPES, gptq_settings, peak_rss_mib  # noqa: F401  (also fabricq.app's names)
 from fabricq.data import TextData, prepare_text
 from fabricq.errors import FabricqError
 from fabricq.evaluate import evaluate_sharded
 from fabricq.models import (
     ModelSource,
-    check_finite_weights,
     check_model_files,
-    check_something_quantized,
     decoder_layers,
-    layer_prefix,
-    linear_modules,
     load_model,
     load_tokenizer,
     resolve_model_source,
     saved_dtype,
 )
 from fabricq.output import check_output_dir, claim_output, releases_output_claims
-from fabricq.parallel.exchange import agreed_finished_layer, gather_totals
-from fabricq.parallel.plan import local_samples
-from fabricq.parallel.solvers import make_solver
 from fabricq.precision import decide_precision
 from fabricq.quant.gram import enable_bf16_products
-from fabricq.quant.grid import QuantScheme
 from fabricq.recover import recover_after_run
-from fabricq.resume import WorkDirectory, config_identity, data_identity, model_identity, work_dir_for
+from fabricq.resume import (
+    WorkDirectory,
+    config_identity,
+    data_identity,
+    model_identity,
+    work_dir_for,
+)
 from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
 
 log = logging.getLogger("fabricq")
-
-HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def gptq_settings(config: Settings) -> GPTQSettings:
-    """What the GPTQ callbacks read, from the checked settings."""
-    q = config.quant
-    return GPTQSettings(
-        method=q.method,
-        scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
-        damp=float(q.damp),
-        block_size=q.block_size,
-        hessian_dtype=HESSIAN_DTYPES[q.hessian_dtype],
-        ignore=q.ignore,
-        solve_threads=config.pipeline.solve_threads,
-        true_sequential=q.true_sequential,
-    )
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -128,7 +104,7 @@ def run(cfg: DictConfig, output_dir: Path, config: Settings | None = None) -> di
 
 def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
     """Checks that need the files, rank launch, tokenizer, text, the resume directory, the model."""
-    from fabricq.serving import check_export_config, preflight, resolve_export_dtype, scale_dtype_for
+    from fabricq.serving import check_export_config
 
     start = time.perf_counter()
     settings = gptq_settings(config)
@@ -172,17 +148,8 @@ def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
     if cache is None:  # the default (GGUF) model: its config is known once loaded
         cache = cache_from_config(config, model.config.to_dict(), work, fabric.device)
     layers = decoder_layers(model)
-    prefix = layer_prefix(model, layers)
-    targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
-    check_finite_weights(model, targets)
-    check_something_quantized(targets, settings.ignore)
-    modules = dict(model.named_modules())
     # Before any calibration: can the export formats hold these modules, will export.engine serve them?
-    shapes = {name: (modules[name].out_features, modules[name].in_features) for name in targets}
-    for verdict in preflight(config.export, settings.scheme, shapes, model.dtype, settings.ignore):
-        log.info("Pre-flight %s", verdict.line())
-    export_dtype = resolve_export_dtype(config.export.dtype, model.dtype)
-    settings.scale_dtype = scale_dtype_for(config.export.format, export_dtype)  # stored exactly
+    targets, export_dtype = core.plan_model(model, config, settings)
     job = Job(cfg, config, settings, output, output_dir, fabric, source, tokenizer, text, work, identity,
               resuming, cache, model, targets, export_dtype, start)
     job.drop_weight_pages()  # the finiteness check paged every weight in
@@ -194,55 +161,43 @@ def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
 
 
 def evaluate_before(job: Job) -> list | None:
-    """Perplexity of the original model; returns the log-probs kept for the KL after (or None)."""
-    if not job.config.eval.enabled:
+    """Perplexity of the original model, read from the evaluation cache for the windows it holds;
+    returns this rank's top-k reference for the KL after (or None)."""
+    from fabricq.eval_cache import reference_cache
+
+    settings = job.config.eval
+    if not settings.enabled:
         return None
     tick = time.perf_counter()
+    cache = reference_cache(settings, job.identity["model"], job.text.evaluation, job.model.dtype, job.fabric.device)
     job.model.to(job.fabric.device)
-    before = evaluate_sharded(job.fabric, job.model, job.text.evaluation, job.fabric.device,
-                              keep=job.config.eval.kl_windows, desc="Perplexity before", stride=job.config.eval.stride)
+    before = evaluate_sharded(job.fabric, job.model, job.text.evaluation, job.fabric.device, keep=settings.kl_windows,
+                              desc="Perplexity before", stride=settings.stride, top_k=settings.kl_top_k, cache=cache)
     job.model.to("cpu")
     job.drop_weight_pages()
     job.report["ppl_before"] = before["ppl"]
     job.report["eval_tokens"] = before["tokens"]
     job.report["eval_convention"] = {**job.text.eval_convention, "tokens_scored": before["tokens"]}
+    cached = before["cached_windows"] == before["windows"]
+    job.report["eval"] = {"cached": cached, "windows_cached": before["cached_windows"], "windows": before["windows"],
+                          "saved_s": before["saved_s"], "cache_dir": str(cache.path) if cache else None,
+                          "kl_top_k": settings.kl_top_k, "kl_windows": min(settings.kl_windows, before["windows"])}
     job.timings["eval_before_s"] = time.perf_counter() - tick
-    log.info("Perplexity before: %.3f (%d tokens)", before["ppl"], before["tokens"])
+    log.info("Perplexity before: %.3f (%d tokens%s)", before["ppl"], before["tokens"],
+             f"; cached, {before['saved_s']:.1f} s saved" if cached else "")
     return before.pop("logprobs")
 
 
 def calibrate_and_quantize(job: Job) -> tuple[GPTQCallback, ReleaseFinishedWeights]:
-    """The layer loop with GPTQ on it, from the last committed layer when resuming."""
-    tick = time.perf_counter()
-    solver = make_solver(job.settings, job.world, job.rank, job.fabric.device)
-    gptq = GPTQCallback(job.settings, solver=solver)
-    release = ReleaseFinishedWeights(gptq)  # dense copies of finished layers: not kept
-    # Each rank calibrates on its own whole batches (disjoint shards of the one-rank batches).
-    samples = local_samples(job.text.calibration, job.config.data.batch_size, job.rank, job.world)
-    loop = CalibrationLoop(
-        job.model, samples, device=job.fabric.device, batch_size=job.config.data.batch_size,
-        callbacks=[gptq, ProgressCallback(), CheckpointCallback(job.work, gptq), release], cache=job.cache,
-    )
-    start_layer, inputs = 0, None
-    finished = job.work.latest_finished_layer() if job.resuming else None
-    if job.world > 1:  # ranks continue from the last layer every one of them finished
-        finished = agreed_finished_layer(finished, job.fabric.device)
-    if finished is not None:
-        inputs = job.work.restore(finished, job.model, gptq, job.cache)
-        start_layer = finished + 1
-        job.report["resumed_after_layer"] = finished
-        log.info("Resuming %s after layer %d/%d", job.work.path, finished + 1, loop.num_layers)
-    try:
-        loop.run(start_layer, inputs)
-    finally:
-        gptq.close()
-        job.cache.close()
-    job.report["cache"] = job.cache.report()
-    job.timings["quantize_s"] = time.perf_counter() - tick
-    job.timings["solve_steps_s"] = gptq.solve_steps_s
-    if solver.report is not None:
-        job.report["distributed"] = {**solver.report, **gather_totals(job.fabric, solver.report["bytes_sent"])}
-    return gptq, release
+    """The API's layer loop with GPTQ on it (each rank its share of the windows), committing every
+    layer to the work directory and continuing from the last committed one when resuming. Finished
+    layers keep only their codes; a failure leaves the model to the resume directory, not restored."""
+    calibrated = core.calibrate_and_quantize(
+        job.model, job.text.calibration, job.config, job.settings, job.fabric, cache=job.cache, work=job.work,
+        resuming=job.resuming, release_dense=True, restore_on_failure=False)
+    job.report.update(calibrated.report)
+    job.timings.update(calibrated.timings)
+    return calibrated.gptq, calibrated.release
 
 
 def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights, reference: list | None) -> None:
@@ -259,7 +214,8 @@ def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights
                              desc="Perplexity after", stride=job.config.eval.stride)
     job.model.to("cpu")
     job.report["ppl_after"] = after["ppl"]
-    job.report["kl_after"] = after["kl"]
+    job.report["kl_after"] = after["kl"]  # top-k terms exact, the tail term estimated from drawn tokens
+    job.report["kl_after_lower_bound"] = after.get("kl_lower_bound")  # the top-k ∪ {rest} KL alone
     job.timings["eval_after_s"] = time.perf_counter() - tick
     log.info("Perplexity after: %.3f · KL %.5f", after["ppl"], after["kl"])
 
@@ -293,7 +249,10 @@ def export(job: Job, gptq: GPTQCallback) -> dict:
         timings=job.timings,
         modules=gptq.stats,
     )
+    from fabricq import report_card
+    report["size_on_disk"] = report_card.disk_sizes(job.source, staging)  # weight files: original vs written
     (staging / "report.json").write_text(json.dumps(report, indent=2))
+    report_card.write_report_card(staging, report)  # report.md (+ report.png) beside report.json
     (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(job.cfg, resolve=True))
     job.output.publish(staging)
     job.work.remove()

@@ -114,3 +114,25 @@ def test_python_callbacks(tiny, tmp_path):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert dense[q].shape == original[q].shape and not torch.equal(dense[q], original[q])
     assert len(torch.unique(dense[q][0, :32])) <= 16  # one group of 32 columns holds ≤ 2^4 levels
+
+
+def test_lightning_finetune_then_quantize(tiny, tmp_path):
+    model, text = tiny
+    out = tmp_path / "ft"
+    done = run_example(sys.executable, str(EXAMPLES / "lightning_finetune_then_quantize.py"), "--model", str(model),
+                       "--text", str(text), "--output", str(out), "--steps", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "validation of the quantized model" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["samples"] == 8 and len(report["modules"]) == 35
+
+
+def test_fabric_quantize_on_two_devices(tiny, tmp_path):
+    model, text = tiny
+    out = tmp_path / "fq"
+    done = run_example(sys.executable, str(EXAMPLES / "fabric_quantize.py"), str(model), str(text), str(out),
+                       "--devices", "2", env={"MASTER_PORT": str(free_port())})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "on 2 rank(s)" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["distributed"]["world_size"] == 2 and report["ppl_after"] > 0

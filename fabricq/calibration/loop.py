@@ -19,6 +19,7 @@ from fabricq.calibration.cache import ActivationCache, Stage
 from fabricq.calibration.gated import GatedForward, layer_output
 from fabricq.calibration.transfer import Prefetcher, TransferStream
 from fabricq.models import decoder_layers, layer_prefix
+from fabricq.sysmem import drop_mapped_pages
 
 
 class _StopForward(Exception):
@@ -43,9 +44,11 @@ def _share_equal(value, previous):
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches, device, sink=None) -> list[dict]:
+def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches, device, sink=None,
+                               masks=None) -> list[dict]:
     """Run the model up to its first decoder layer for each batch: pass that layer's hidden states
-    to `sink` (if given) and return its keyword arguments (position embeddings, masks) per batch."""
+    to `sink` (if given) and return its keyword arguments (position embeddings, masks) per batch.
+    `masks`: an attention mask per batch (1 = token, 0 = padding), or None."""
     kwargs_per_batch: list[dict] = []
 
     def grab(module, args, kwargs):
@@ -61,9 +64,10 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches,
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in batches:
+        for b, batch in enumerate(batches):
+            mask = None if masks is None else masks[b].to(device)
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(device), attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -75,10 +79,12 @@ class CalibrationLoop:
     """Drives layer-by-layer calibration of `model` on `samples` (num_samples, seq_len).
 
     `cache`: where hidden states live between layers (default: unlimited memory). The next
-    layer's weights are copied to the compute device while the current one runs."""
+    layer's weights are copied to the compute device while the current one runs. `attention_mask`
+    (num_samples, seq_len), 1 = token, 0 = padding: padded positions are masked in the forwards,
+    and `token_masks` (per batch) lets observers leave them out."""
 
     def __init__(self, model: nn.Module, samples: torch.Tensor, *, device, batch_size: int, callbacks,
-                 cache: ActivationCache | None = None):
+                 cache: ActivationCache | None = None, attention_mask: torch.Tensor | None = None):
         self.model = model
         self.samples = samples
         self.device = torch.device(device)
@@ -91,6 +97,7 @@ class CalibrationLoop:
         self.transfer = TransferStream(self.device)
         self.gated = GatedForward(self.device)
         self.kwargs: list[dict] = []
+        self.token_masks = None if attention_mask is None else [m.bool() for m in attention_mask.split(batch_size)]
 
     def layer_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -122,10 +129,13 @@ class CalibrationLoop:
         try:
             self.kwargs = capture_first_layer_inputs(
                 self.model, self.layers, self.samples.split(self.batch_size), self.device,
-                sink=stage.append if stage is not None else None,
+                sink=stage.append if stage is not None else None, masks=self.token_masks,
             )
         finally:
             self._move_outside_layers(home)
+        # The embeddings (often the largest tensor) are not read again until export or evaluation:
+        # their pages leave resident memory (re-read from the file if touched; a changed page stays).
+        drop_mapped_pages(self._outside_parameters(), keep_written=True)
         return stage
 
     @torch.no_grad()
@@ -195,6 +205,10 @@ class CalibrationLoop:
             if inputs is not None:
                 inputs.release()
         return outputs
+
+    def _outside_parameters(self) -> list[torch.Tensor]:
+        inside = {id(m) for m in self.layers.modules()}
+        return [p for m in self.model.modules() if id(m) not in inside for p in m.parameters(recurse=False)]
 
     def _move_outside_layers(self, device) -> None:
         inside = {id(m) for m in self.layers.modules()}

@@ -25,10 +25,14 @@ class SharedInputHessians:
     With `stop_early`, from the second batch on, once the last module (in call order) has given
     its input, the rest of the layer's calibration forward is skipped (`StopLayerForward`): its
     output would be discarded anyway, as the quantized layer is forwarded again for the next layer.
+
+    `token_masks`: per batch, which positions are tokens (True) and which padding (False); padded
+    positions are left out of the sums and the token counts. A leader's k-th call is batch k: both
+    the plain and the gated forward run batches in order, and each module once per forward.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype, stop_early: bool = True,
-                 groups: list[list[str]] | None = None):
+                 groups: list[list[str]] | None = None, token_masks: list[torch.Tensor] | None = None):
         self.modules = modules
         self.stop_early = stop_early
         self.dtype = dtype
@@ -44,7 +48,26 @@ class SharedInputHessians:
         self._batches_done = 0
         self._stop_after: str | None = None
         self._last_leader_input = threading.local()  # per batch forward (gated forwards: per thread)
+        self.token_masks = token_masks
+        self._leader_calls: dict[str, int] = {}  # leader → batches it has added
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _tokens_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`x` without its padded positions (as it is when the batch has none)."""
+        batch = self._leader_calls.get(name, 0)
+        self._leader_calls[name] = batch + 1
+        if self.token_masks is None:
+            return x
+        if batch >= len(self.token_masks):
+            raise FabricqError(f"{name} was called more than once per forward: attention masks (padding) "
+                               "cannot be applied to its calibration inputs; pass unpadded token windows")
+        mask = self.token_masks[batch]
+        if mask.all():
+            return x
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise FabricqError(f"{name}: the attention mask's shape {tuple(mask.shape)} does not match its input "
+                               f"{tuple(x.shape[:-1])}")
+        return x[mask.to(x.device)]
 
     def _hook(self, name: str):
         def observe(module, args):
@@ -70,7 +93,7 @@ class SharedInputHessians:
                 accumulator = self.accumulators.get(name)
                 if accumulator is None:
                     accumulator = self.accumulators[name] = HessianAccumulator(x.shape[-1], self.dtype, x.device)
-                accumulator.add(x)
+                accumulator.add(self._tokens_of(name, x))
                 self._last_leader_input.value = (name, x)
             if name == self._stop_after:
                 raise StopLayerForward
