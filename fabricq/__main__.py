@@ -127,6 +127,11 @@ def main() -> None:
         if err in _task_errors or os.environ.get("FABRICQ_DEBUG") == "1":
             raise
         fail(hydra_error_line(err))
+    finally:
+        # A -m sweep that stopped at a failed job never reaches the summary callback's
+        # on_multirun_end: summarize the jobs it did run (failed ones as failed rows).
+        if "fabricq.summary" in sys.modules:  # imported only when Hydra instantiated the callback
+            sys.modules["fabricq.summary"].summarize_interrupted_sweep()
 
 
 if __name__ == "__main__":
