@@ -91,6 +91,87 @@ def row(result: dict, runs: dict) -> dict:
             "gptq_s": run.get("quantize_s"), "quant_rss_mib": run.get("quant_rss_mib")}
 
 
+def profile_steps(args) -> dict:
+    """Where one training step's time goes on the default model, per variant of the settings that
+    decide it: the adapters over a round-to-nearest W4 base (the step's cost does not depend on
+    the codes), random teacher targets of the stored shape, `--profile-steps` timed steps after one
+    warm-up. Sections: decoder forward, output embedding + loss over the logit chunks (forward),
+    backward (the chunks' and, with activation checkpointing, the layers' recomputation), optimizer."""
+    import torch
+
+    from fabricq.models import load_model, resolve_model_source
+    from fabricq.quant.gptq import rtn_quantize
+    from fabricq.quant.grid import QuantScheme, effective_group_size
+    from fabricq.recovery.lora import attach_lora
+    from fabricq.recovery.settings import TrainSettings
+    from fabricq.recovery.train import RecoveryObjective, _recompute_layers
+
+    torch.set_num_threads(args.threads)
+    model = load_model(resolve_model_source(None))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    quantized = {}
+    for n in names:
+        w = model.get_submodule(n).weight.detach()
+        quantized[n] = rtn_quantize(w, QuantScheme(4, effective_group_size(128, w.shape[1]), True, "none"))
+    lora = attach_lora(model, quantized, names, rank=32, alpha=32)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    results = {}
+    for variant in args.profile_variants:
+        opts = dict(kv.split("=") for kv in variant.split(",")) if variant else {}
+        seq, batch = int(opts.get("seq_len", 512)), int(opts.get("batch_size", 1))
+        mode = opts.get("mode", "lora")
+        for name, module in lora.items():  # the base as qlora holds it (packed codes) or as lora does
+            if module.mode != mode:
+                module._buffers.pop("weight" if mode == "qlora" else "packed_codes", None)
+                module.mode = mode
+                module.set_base(quantized[name])
+        settings = TrainSettings(steps=1, logit_chunk=int(opts.get("logit_chunk", 128)),
+                                 activation_checkpointing=opts.get("ac", "1") == "1")
+        _recompute_layers(model, settings.activation_checkpointing)
+        model.train()
+        objective = RecoveryObjective(model, settings)
+        params = [q for m in lora.values() for q in (m.lora_A, m.lora_B)]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        idx = torch.randint(0, vocab, (batch, seq - 1, 32), generator=g)
+        logprobs = torch.log_softmax(torch.randn(batch, seq - 1, 32, generator=g), -1) - 0.1
+        rest = torch.full((batch, seq - 1), -2.3)
+        times = {"forward_decoder": 0.0, "forward_logits_loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+        decoder, clock = model.get_decoder(), {"start": 0.0, "decoder": 0.0}
+
+        def before(*_, clock=clock):
+            clock["start"] = time.perf_counter()
+
+        def after(*_, clock=clock):
+            clock["decoder"] = time.perf_counter() - clock["start"]
+
+        hooks = [decoder.register_forward_pre_hook(before), decoder.register_forward_hook(after)]
+        for step in range(args.profile_steps + 1):
+            t0 = time.perf_counter()
+            loss = objective(ids, idx, logprobs, rest)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if step:  # the first step warms up allocators and kernels
+                times["forward_decoder"] += clock["decoder"]
+                times["forward_logits_loss"] += (t1 - t0) - clock["decoder"]
+                times["backward"] += t2 - t1
+                times["optimizer"] += t3 - t2
+        for hook in hooks:
+            hook.remove()
+        per_step = {k: v / args.profile_steps for k, v in times.items()}
+        per_step["step"] = sum(per_step.values())
+        per_step["tokens_per_s"] = batch * (seq - 1) / per_step["step"]
+        results[variant or "defaults"] = per_step
+        print(variant or "defaults", json.dumps({k: round(v, 3) for k, v in per_step.items()}), flush=True)
+    _recompute_layers(model, False)
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=["gptq_w3", "gptq_w4"])
@@ -108,11 +189,23 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/recovery-<timestamp>.json)")
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every recovery, e.g. recovery.steps=32")
     p.add_argument("--quant-extra", nargs="*", default=[], help="overrides for every quantization")
+    p.add_argument("--profile", action="store_true", help="only time training steps on the default model, per variant")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-variants", nargs="*", default=["", "ac=0", "seq_len=256", "logit_chunk=512", "mode=qlora"],
+                   help="comma-separated key=value (ac, seq_len, batch_size, logit_chunk, mode); '' = the defaults")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.profile:
+        machine = machine_info(args.threads)
+        results = profile_steps(args)
+        out = (args.out or REPO / "benchmarks" / "results" / f"recovery-profile-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                   "profile": results}, indent=2))
+        print(f"wrote {out}")
+        return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = (args.out or REPO / "benchmarks" / "results" / f"recovery-{stamp}.json").resolve()
     work = args.reuse.resolve() if args.reuse else out.with_suffix("")

@@ -322,3 +322,62 @@ def test_compute_teacher_matches_the_models_own_distribution():
     assert torch.equal(targets.indices.long(), idx)
     expected_rest = torch.log1p(-top.exp().sum(-1))
     torch.testing.assert_close(targets.rest, expected_rest, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge=true: re-quantizing base + adapter on the exported grid
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge_case(symmetric: bool, seed=0):
+    from fabricq.quant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3.0, 64)  # unequal column scales
+    x[:, 8:16] += x[:, :8]  # correlated columns: GPTQ's error feedback matters
+    hessian = x.T @ x / x.shape[0]
+    grid = gptq_quantize(w, hessian, QuantScheme(4, 16, symmetric, "static"))
+    return w, hessian, grid
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_requantize_keeps_the_grid_and_beats_rounding_on_it(symmetric):
+    from fabricq.recovery.merge import requantize_on_grid
+
+    _, hessian, grid = _merge_case(symmetric)
+    delta = 0.3 * torch.randn(16, 4, generator=torch.Generator().manual_seed(1)) @ torch.randn(4, 64) / 8
+    target = grid.dequantize() + delta
+    merged = requantize_on_grid(target, grid.packed(), hessian)
+    assert torch.equal(merged.scale, grid.scale) and torch.equal(merged.zero, grid.zero)
+    assert torch.equal(merged.g_idx, grid.g_idx)
+    assert int(merged.codes.min()) >= grid.scheme.qmin and int(merged.codes.max()) <= grid.scheme.qmax
+    # Against rounding each merged weight to its nearest point of the same grid (written out):
+    col_scale = grid.scale[:, grid.g_idx.long()]
+    col_zero = grid.zero[:, grid.g_idx.long()]
+    nearest = ((target / col_scale).round() + col_zero).clamp(grid.scheme.qmin, grid.scheme.qmax)
+    rounded = (nearest - col_zero) * col_scale
+
+    def objective(q):
+        e = (target - q).double()
+        return float(((e @ hessian.double()) * e).sum())
+
+    assert objective(merged.dequantize()) < objective(rounded)
+    # The merge moved codes: the base's grid points are not the answer for base + adapter.
+    assert objective(merged.dequantize()) < objective(grid.dequantize())
+
+
+def test_requantize_without_correlations_is_rounding_and_keeps_grid_points():
+    from fabricq.recovery.merge import requantize_on_grid
+
+    _, _, grid = _merge_case(True)
+    # A diagonal Hessian spreads no error between columns: GPTQ is rounding to nearest.
+    diagonal = torch.diag(torch.linspace(0.5, 2.0, 64))
+    target = grid.dequantize() + 0.02 * torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    merged = requantize_on_grid(target, grid, diagonal)
+    col_scale = grid.scale[:, grid.g_idx.long()]
+    expected = ((target / col_scale).round() + grid.zero[:, grid.g_idx.long()]).clamp(grid.scheme.qmin, grid.scheme.qmax)
+    assert torch.equal(merged.codes.float(), expected)
+    # Weights already on the grid (an adapter of zeros) keep their codes under any Hessian.
+    _, hessian, _ = _merge_case(True)
+    assert torch.equal(requantize_on_grid(grid.dequantize(), grid, hessian).codes, grid.codes)

@@ -68,15 +68,23 @@ def decompress_loaded(model) -> None:
         compressor.decompress_model(model)
 
 
+def load_served(output_dir: Path, dtype=None):
+    """A compressed-tensors model folder as a user loads it: `AutoModelForCausalLM.from_pretrained`,
+    decompressed (`decompress_loaded`), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(Path(output_dir), **kwargs)
+    decompress_loaded(model)
+    return model.eval()
+
+
 def load_with_adapter(output_dir: Path, adapter_dir: Path | None = None, dtype=None):
     """The exported compressed-tensors model with its adapter, as a user loads it:
     `AutoModelForCausalLM.from_pretrained(OUTPUT)`, decompressed (`decompress_loaded`), then
     `peft.PeftModel.from_pretrained(model, OUTPUT/"adapter")`; in eval mode."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     output_dir = Path(output_dir)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(output_dir, **kwargs)
-    decompress_loaded(model)
+    model = load_served(output_dir, dtype)
     return PeftModel.from_pretrained(model, str(adapter_dir or output_dir / ADAPTER_DIR)).eval()

@@ -66,22 +66,20 @@ def weighted_error(error: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor], windows: torch.Tensor, *,
-               batch_size: int, device, damp: float = 0.01, reduce=None, release=None) -> dict:
-    """Set every adapter in `modules` (name → LoRALinear) to its EoRA start.
-
-    original: name → the unquantized weight (W; E = W − dequant(W_q)). windows: calibration token
-    windows (num, seq_len). reduce: called on each Hessian sum and token count before use (several
-    ranks add their shares; None on one rank); each layer's entries are removed from `original`
-    once used, and passed to `release` (e.g. to drop their memory-mapped pages). Returns per-module {error_before, error_after}:
-    tr(E·H·Eᵀ) without and with the start, on the damped-free H of these windows."""
+def layerwise_hessians(model: nn.Module, modules: dict, windows: torch.Tensor, *, batch_size: int, device,
+                       on_layer, reduce=None) -> None:
+    """Forward calibration `windows` through `model` one decoder layer at a time and hand each
+    layer's input Hessians to `on_layer(index, names, groups)`: names, the layer's entries of
+    `modules`; groups, (module names sharing one input, H = mean x·xᵀ float64) per shared input
+    (q/k/v, gate/up). Only one layer's Hessians exist at once. When `on_layer` returns True it
+    has changed the layer's weights, and the layer is forwarded again so the next layer sees the
+    changed layer's outputs (true-sequential, as GPTQ). reduce: called on each Hessian sum and
+    token count before use (several ranks add their shares; None on one rank)."""
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     hidden: list[torch.Tensor] = []
     batches = list(windows.split(batch_size)) if len(windows) else []
     kwargs = capture_first_layer_inputs(model, layers, batches, device, sink=hidden.append)
-    stats: dict[str, dict] = {}
-    tick = time.perf_counter()
     for index, layer in enumerate(layers):
         names = [n for n in modules if n.startswith(f"{prefix}.{index}.")]
         observer = SharedInputHessians({n: modules[n] for n in names}, torch.float32, stop_early=False) if names else None
@@ -90,16 +88,37 @@ def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor
             outputs.append(layer_output(layer(h, **kw)))
             if observer is not None:
                 observer.end_batch()
+        if observer is not None:
+            observer.remove()
+            groups = []
+            for group in observer.groups():
+                accumulator = observer.accumulators[group[0]]
+                total, tokens = accumulator.sum.double(), accumulator.tokens
+                if reduce is not None:
+                    total, tokens = reduce(total, tokens)
+                groups.append((list(group), total / max(tokens, 1)))
+            del observer
+            if on_layer(index, names, groups):
+                outputs = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
         hidden = outputs
-        if observer is None:
-            continue
-        observer.remove()
-        for group in observer.groups():
-            accumulator = observer.accumulators[group[0]]
-            total, tokens = accumulator.sum.double(), accumulator.tokens
-            if reduce is not None:
-                total, tokens = reduce(total, tokens)
-            hessian = total / max(tokens, 1)
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor], windows: torch.Tensor, *,
+               batch_size: int, device, damp: float = 0.01, reduce=None, release=None) -> dict:
+    """Set every adapter in `modules` (name → LoRALinear) to its EoRA start.
+
+    original: name → the unquantized weight (W; E = W − dequant(W_q)). windows: calibration token
+    windows (num, seq_len). reduce: as in `layerwise_hessians`; each layer's entries are removed
+    from `original` once used, and passed to `release` (e.g. to drop their memory-mapped pages).
+    Returns per-module {error_before, error_after}: tr(E·H·Eᵀ) without and with the start, on the
+    damped-free H of these windows."""
+    stats: dict[str, dict] = {}
+    tick = time.perf_counter()
+    layers = len(decoder_layers(model))
+
+    def start_layer(index: int, names: list[str], groups) -> bool:
+        for group, hessian in groups:
             factor = hessian_factor(hessian, damp)
             for name in group:
                 module = modules[name]
@@ -111,5 +130,9 @@ def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor
         done = [original.pop(n) for n in names]  # not needed again: references dropped as we go
         if release is not None:
             release(done)
-        log.info("EoRA start: layer %d/%d · %.1f s", index + 1, len(layers), time.perf_counter() - tick)
+        log.info("EoRA start: layer %d/%d · %.1f s", index + 1, layers, time.perf_counter() - tick)
+        return False  # the next layer's Hessians stay those of the quantized base's activations
+
+    layerwise_hessians(model, modules, windows, batch_size=batch_size, device=device, on_layer=start_layer,
+                       reduce=reduce)
     return stats

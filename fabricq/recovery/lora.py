@@ -53,18 +53,24 @@ class LoRALinear(nn.Module):
         self.mode, self.rank, self.alpha, self.dtype = mode, rank, float(alpha), dtype
         self.scaling = float(alpha) / rank
         self.bits = quantized.scheme.bits
-        if mode == "lora":
-            self.register_buffer("weight", quantized.dequantize().to(dtype), persistent=False)
+        self.set_base(quantized)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def set_base(self, quantized: QuantizedWeight | PackedQuantizedWeight) -> None:
+        """Hold `quantized` as the frozen base, as `mode` says (a merge replaces it)."""
+        if tuple(quantized.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"base of shape {tuple(quantized.shape)} for a {self.out_features}×{self.in_features} module")
+        if self.mode == "lora":
+            self.register_buffer("weight", quantized.dequantize().to(self.dtype), persistent=False)
         else:
             packed = quantized.packed() if isinstance(quantized, QuantizedWeight) else quantized
             self.register_buffer("packed_codes", packed.packed_codes.contiguous(), persistent=False)
             self.register_buffer("scale", packed.scale.float().contiguous(), persistent=False)
             self.register_buffer("zero", packed.zero.float().contiguous(), persistent=False)
             self.register_buffer("g_idx", packed.g_idx.to(torch.int32).contiguous(), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """dequant(W_q) (out, in), never a leaf of the autograd graph."""

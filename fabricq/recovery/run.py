@@ -1,5 +1,6 @@
 """One recovery of a finished fabricq output: text → teacher → quantized base with adapters →
-EoRA start → training → PEFT adapter → evaluation through the serving path → report.
+EoRA start → training → PEFT adapter → (merge=true: the merged model, `recovery.merge`) →
+evaluation through the serving path → report.
 
 The original model is loaded once: it is the teacher (top-k targets of the recovery windows and
 the evaluation reference) and its skeleton then becomes the student, its target modules replaced
@@ -26,13 +27,14 @@ from fabricq import runtime
 from fabricq.config import load_settings
 from fabricq.data import prepare_text
 from fabricq.errors import FabricqError
-from fabricq.evaluate import evaluate, evaluate_sharded
+from fabricq.evaluate import evaluate, evaluate_sharded, reference_from_tensors, reference_tensors
 from fabricq.models import check_finite_weights, check_model_files, load_model, load_tokenizer, resolve_model_source
 from fabricq.parallel.plan import shard_batches
 from fabricq.recovery import eora, teacher as teacher_mod
 from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter, save_peft_adapter
 from fabricq.recovery.base import load_exported_tensors, read_run
 from fabricq.recovery.lora import attach_lora, check_rank, select_targets
+from fabricq.recovery.merge import MERGED_DIR, merge_adapters, restore_linear, write_merged
 from fabricq.recovery.settings import RecoveryPlan, recovery_plan
 from fabricq.recovery.train import CheckpointStore, local_window_order, train
 from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
@@ -110,14 +112,14 @@ def _reference(fabric, model, text, cfg: DictConfig, report: dict) -> tuple[dict
     same = text.eval_convention and all(convention.get(k) == v for k, v in text.eval_convention.items())
     if report.get("ppl_before") is None or not same:
         before = evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows,
-                                  desc="Perplexity before", stride=stride)
+                                  desc="Perplexity before", stride=stride, top_k=cfg.eval.get("kl_top_k"))
         return before, before.pop("logprobs")
     shard = shard_batches(len(text.evaluation), fabric.world_size)[fabric.global_rank]
     stop = min(shard.stop, cfg.eval.kl_windows)
     kept = []
     if stop > shard.start:
         kept = evaluate(model, text.evaluation[shard.start : stop], fabric.device, keep=stop - shard.start,
-                        stride=stride, first_index=shard.start)["logprobs"]
+                        stride=stride, first_index=shard.start, top_k=cfg.eval.get("kl_top_k"))["logprobs"]
     return {"ppl": report["ppl_before"]}, kept
 
 
@@ -129,8 +131,12 @@ def _gap(before, after, recovered):
 
 def build_student(model, run, targets: list[str], s: RecoveryPlan) -> dict:
     """Turn the original `model` into the exported base with adapters over `targets`: the
-    checkpoint's unquantized tensors as exported, each target an adapter over its codes."""
+    checkpoint's unquantized tensors as exported, each target an adapter over its codes, and
+    each quantized module left without an adapter computing with its dequantized codes."""
     load_exported_tensors(model, run)
+    for name in sorted(set(run.quantized) - set(targets)):
+        module = model.get_submodule(name)
+        module.weight = torch.nn.Parameter(run.quantized[name].dequantize().to(module.weight.dtype), requires_grad=False)
     return attach_lora(model, run.quantized, targets, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
                        mode=s.base_mode, seed=s.train.seed)
 
@@ -201,7 +207,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         model.to(device)
         before, reference = _reference(fabric, model, text, cfg, run.report)
         # Full-vocabulary log-probs (hundreds of MiB): on disk until the evaluation at the end.
-        save_file({str(i): r for i, r in enumerate(reference)}, reference_file)
+        save_file(reference_tensors(reference), reference_file)
         del reference
         eval_s = time.perf_counter() - tick
     model.to("cpu")
@@ -239,6 +245,23 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         shutil.rmtree(adapter_dir, ignore_errors=True)
         os.replace(staging, adapter_dir)
     fabric.barrier()
+    merged_dir = run_dir / MERGED_DIR
+    if s.merge:
+        tick = time.perf_counter()
+        model.to(device)
+        merged = merge_adapters(model, lora, run.quantized, text.calibration[: s.eora_samples].tensor_split(world)[rank],
+                                batch_size=cfg.data.batch_size, device=device, damp=s.damp, reduce=_reducer(fabric))
+        model.to("cpu")
+        restore_linear(model, lora, model.dtype)
+        if rank == 0:
+            staging = run_dir / f".{MERGED_DIR}.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            write_merged(model, {**run.quantized, **merged}, staging, tokenizer, cfg.export)
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            os.replace(staging, merged_dir)
+        fabric.barrier()
+        del merged
+        timings["merge_s"] = time.perf_counter() - tick
     wall = time.perf_counter() - start - eval_s  # evaluation is reported apart
     peak_before_eval = max(peaks + [peak_rss_mib()])  # teacher / EoRA / training, not evaluation
     compute_dtype = model.dtype  # the exported tensors are evaluated in it, as the run evaluated them
@@ -252,6 +275,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         "timings": timings, "peak_rss_mib": peak_before_eval,
         "tokens": result.tokens if result else 0, "tokens_per_s": result.tokens_per_s if result else None,
         "loss_curve": result.loss_curve if result else [], "resumed_from_step": result.resumed_from_step if result else None,
+        "merged": str(merged_dir) if s.merge else None,
     }
     if eora_stats:
         total_before = sum(v["error_before"] for v in eora_stats.values())
@@ -260,8 +284,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                            "modules_improved": sum(v["error_after"] < v["error_before"] for v in eora_stats.values())}
     if cfg.eval.enabled:
         tick = time.perf_counter()
-        stored = load_file(reference_file)
-        reference = [stored[str(i)] for i in range(len(stored))]
+        reference = reference_from_tensors(load_file(reference_file))
         served = load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype).to(device)
         stride = cfg.eval.get("stride")
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
@@ -270,6 +293,16 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
             base = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                     desc="Perplexity after", stride=stride)
         del served
+        if s.merge:
+            from fabricq.recovery.adapter import load_served
+
+            served = load_served(merged_dir, dtype=compute_dtype).to(device)
+            after_merge = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
+                                           desc="Perplexity after merge", stride=stride)
+            del served
+            section.update(ppl_after_merge=after_merge["ppl"], kl_after_merge=after_merge["kl"],
+                           ppl_merge_gap_closed=_gap(before["ppl"], base["ppl"], after_merge["ppl"]),
+                           kl_merge_gap_closed=_gap(0.0, base["kl"], after_merge["kl"]))
         section.update(ppl_before=before["ppl"], ppl_after=base["ppl"], kl_after=base["kl"],
                        ppl_after_recovery=recovered["ppl"], kl_after_recovery=recovered["kl"],
                        ppl_gap_closed=_gap(before["ppl"], base["ppl"], recovered["ppl"]),

@@ -25,7 +25,7 @@ class TrainSettings:
     temperature: float = 1.0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 16
+    checkpoint_every: int = 4
     log_every: int = 4
     logit_chunk: int = 128  # positions whose logits exist at once
     activation_checkpointing: bool = True  # keep decoder-layer inputs only; recompute the rest
@@ -54,6 +54,7 @@ class RecoveryPlan:
     eora_samples: int
     damp: float
     data_path: str | None
+    merge: bool = False  # also write the adapter folded into the base, re-quantized on the same grid
 
     @property
     def base_mode(self) -> str:
@@ -77,17 +78,16 @@ def check_recovery(settings) -> None:
     elif r.steps == 0:
         raise FabricqError(f"recovery.steps must be a positive integer with recovery={r.method}, got 0 "
                            "(+recovery=eora writes the EoRA start without training)")
-    if r.merge:
-        raise FabricqError("recovery.merge=true (re-quantizing the merged weights) is not supported yet: the adapter "
-                           "is written beside the untouched base; leave recovery.merge=false")
     if settings.export.format == "gptq":
         raise FabricqError("recovery reads the compressed-tensors export: use export.format=compressed-tensors or both "
                            "with +recovery")
     if settings.trainer.strategy == "fsdp":
-        raise FabricqError("trainer.strategy=fsdp is not supported with recovery (Lightning's FSDP needs CUDA, and "
-                           "the adapters are trained under DDP): use trainer.strategy=ddp")
+        # Lightning Fabric refuses FSDP on any accelerator but a GPU; on a GPU the adapters (tens of MiB)
+        # gain nothing from sharding, and the frozen base is already read, not broadcast, by each rank.
+        raise FabricqError("trainer.strategy=fsdp is not supported with recovery: Lightning Fabric runs FSDP on GPUs "
+                           "only, and the adapters are trained under DDP; use trainer.strategy=ddp")
     world = settings.trainer.world_size
-    if r.init == "eora" and r.eora_samples < world:
+    if (r.init == "eora" or r.merge) and r.eora_samples < world:
         raise FabricqError(f"recovery.eora_samples={r.eora_samples} is fewer than the {world} ranks: each needs one")
 
 
@@ -108,4 +108,5 @@ def recovery_plan(settings) -> RecoveryPlan:
         method=r.method, rank=r.rank, alpha=float(r.alpha), dropout=float(r.dropout),
         target_modules=None if r.target_modules is None else tuple(r.target_modules), init=r.init, train=train,
         seq_len=r.seq_len, top_k=r.top_k, eora_samples=r.eora_samples, damp=float(r.damp), data_path=r.data.path,
+        merge=r.merge,
     )
