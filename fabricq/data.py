@@ -232,6 +232,8 @@ def prepare_text(tokenizer, data_cfg, eval_cfg) -> TextData:
     sampling = getattr(data_cfg, "sampling", DEFAULT_SAMPLING)
     chat = getattr(data_cfg, "chat_template", False)
     bos_id = resolve_bos(tokenizer, getattr(data_cfg, "bos", "auto"))
+    if bos_id is not None and data_cfg.seq_len == 1:  # not the text's fault: a window would be BOS alone
+        raise FabricqError("data.seq_len=1 leaves no room for text after the BOS token: use 2 or more")
     if chat:
         check_chat_template(tokenizer)
         docs = load_conversations(data_cfg.path, data_cfg.text_field)

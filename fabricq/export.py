@@ -224,8 +224,9 @@ def _layer_suffix(name: str) -> str | None:
 
 
 def _suffix_regex(suffix: str) -> str:
-    pieces = [r"\d+" if p.isdigit() else re.escape(p) for p in suffix.split(".")]
-    return "re:.*\\." + "\\.".join(pieces) + "$"
+    # Digits inside the suffix (an expert's index) stay literal: the names are grouped by their
+    # exact suffix, so a pattern for any index would also select the other experts.
+    return "re:.*\\." + re.escape(suffix) + "$"
 
 
 def _targets_for(model, names: list[str]) -> list[str]:

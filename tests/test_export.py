@@ -297,7 +297,7 @@ def test_transformers_loads_checkpoint_with_same_logits(build, case_id):
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False, reason="compressed-tensors 0.20 expects unpacked zero points "
+@pytest.mark.xfail(raises=RuntimeError, strict=True, reason="compressed-tensors 0.20 expects unpacked zero points "
                    "when transformers loads a compressed asymmetric checkpoint (llm-compressor#1618)")
 def test_transformers_default_load_of_asymmetric_checkpoint(build):
     case = STATIC_CASES[Case(4, 64, False, "none").id]

@@ -304,3 +304,68 @@ def test_a_nan_hessian_during_the_run_stops_at_the_module(model, tmp_path, monke
     with pytest.raises(FabricqError, match=r"model.layers.2.mlp.(gate|up|down)_proj: quantization produced NaN/Inf"):
         run_app(*ARGS, f"model.path={model}", f"output_dir={out}")
     assert not out.exists()
+
+
+# -- an accelerator this machine lacks; the spill folder's errors name output_dir ------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a CPU-only machine")
+@pytest.mark.parametrize("accelerator, lacking", [("mps", "no MPS device"), ("cuda", "no CUDA device"),
+                                                  ("gpu", "no CUDA device")])
+def test_an_accelerator_this_machine_lacks_is_refused_before_the_model_loads(model, tmp_path, monkeypatch,
+                                                                              accelerator, lacking):
+    import fabricq.app
+
+    monkeypatch.setattr(fabricq.app, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    with pytest.raises(FabricqError) as err:
+        run_app(*ARGS, f"model.path={model}", f"output_dir={tmp_path / 'out'}", f"trainer.accelerator={accelerator}")
+    assert str(err.value).startswith(f"trainer.accelerator={accelerator} but this machine has {lacking} (it has ")
+    assert "CPU core(s), 0 CUDA device(s), no MPS): use trainer.accelerator=auto or cpu" in str(err.value)
+    assert list(tmp_path.iterdir()) == [tmp_path / "models"]
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_an_accelerator_this_machine_lacks_is_one_line_exit_2(model, tmp_path):
+    result = run_cli(*ARGS, f"model.path={model}", f"output_dir={tmp_path / 'out'}", "trainer.accelerator=mps")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("fabricq: error: trainer.accelerator=mps but this machine has no MPS device")
+    assert result.stderr.count("\n") == 1
+
+
+def spill_settings(**cache):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cache=SimpleNamespace(**{"spill_dir": None, "device_mib": None, "host_mib": 0.01, **cache}),
+                           data=SimpleNamespace(num_samples=4, batch_size=2, seq_len=8),
+                           model=SimpleNamespace(dtype="float32"))
+
+
+def test_an_unwritable_spill_location_names_output_dir(tmp_path):
+    from fabricq.calibration.cache import cache_from_config
+    from fabricq.resume import WorkDirectory, work_dir_for
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    with pytest.raises(FabricqError, match=f"^output_dir {out} cannot be written: .*Not a directory$"):
+        cache_from_config(spill_settings(), {"hidden_size": 64}, WorkDirectory(work_dir_for(out)), "cpu")
+    with pytest.raises(FabricqError, match=f"^cache.spill_dir {blocker} cannot be written: .*Not a directory$"):
+        cache_from_config(spill_settings(spill_dir=str(blocker)), {"hidden_size": 64},
+                          WorkDirectory(work_dir_for(tmp_path / "out")), "cpu")
+
+
+def test_too_little_space_for_a_small_spill_does_not_say_0_mib(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from fabricq.calibration import cache
+    from fabricq.resume import WorkDirectory, work_dir_for
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 100, 100))
+    out = tmp_path / "out"
+    # 4 windows × 8 tokens × 64 float32 = 8 KiB a stage; two resident and two snapshots, 4 KiB in memory.
+    with pytest.raises(FabricqError) as err:
+        cache.cache_from_config(spill_settings(host_mib=4 / 1024), {"hidden_size": 64}, WorkDirectory(work_dir_for(out)),
+                                "cpu")
+    assert str(err.value) == (f"not enough free space for spilled hidden states in output_dir {out}: up to 28 KiB "
+                              "needed, 100 bytes free (raise cache.host_mib or free disk space)")

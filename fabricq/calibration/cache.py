@@ -52,8 +52,16 @@ def check_budgets(batch_bytes: int, device_mib: float | None, host_mib: float | 
             )
 
 
-def check_spill_dir(path: Path, need_bytes: int) -> None:
-    """The spill directory must be writable and have room for what may be spilled. Probes by
+def _size(nbytes: int) -> str:
+    """A byte count for messages: small needs are not rounded down to "0 MiB"."""
+    if nbytes >= MIB:
+        return f"{nbytes / MIB:.1f} MiB"
+    return f"{-(-nbytes // 1024)} KiB" if nbytes >= 1024 else f"{nbytes} bytes"
+
+
+def check_spill_dir(path: Path, need_bytes: int, owner: str | None = None) -> None:
+    """The spill directory must be writable and have room for what may be spilled. `owner`: the
+    setting that put it there, named in errors (the folder itself is internal). Probes by
     creating it, and removes it again if the probe created it (its parents stay: with several
     ranks, another rank may be creating its own spill directory beside it)."""
     created = [path] if not path.exists() else []
@@ -64,7 +72,8 @@ def check_spill_dir(path: Path, need_bytes: int) -> None:
         probe.unlink()
         free = shutil.disk_usage(path).free
     except OSError as err:
-        raise FabricqError(f"cannot write spill files to {path}: {err.strerror or err}") from None
+        where = f"{owner} cannot be written: " if owner else ""
+        raise FabricqError(f"{where}cannot write spill files to {path}: {err.strerror or err}") from None
     finally:
         for p in created:
             try:
@@ -73,8 +82,8 @@ def check_spill_dir(path: Path, need_bytes: int) -> None:
                 pass
     if need_bytes > free:
         raise FabricqError(
-            f"not enough free space for spilled hidden states in {path}: up to {need_bytes / MIB:.0f} MiB "
-            f"needed, {free / MIB:.0f} MiB free (raise cache.host_mib or free disk space)"
+            f"not enough free space for spilled hidden states in {owner or path}: up to {_size(need_bytes)} "
+            f"needed, {_size(free)} free (raise cache.host_mib or free disk space)"
         )
 
 
@@ -313,5 +322,8 @@ def cache_from_config(cfg, model_config: dict, work, device) -> "ActivationCache
     else:
         memory = budgets[1] + (0 if on_host else budgets[0])
     # Two stages resident (inputs and outputs of a layer) plus the resume snapshots.
-    check_spill_dir(spill_dir, max(0, 2 * stage - memory) + 2 * stage)
+    # The default spill folder lies in output_dir's hidden work directory `.NAME.work`.
+    owner = (f"output_dir {work.path.with_name(work.path.name[1:].removesuffix('.work'))}"
+             if cfg.cache.spill_dir is None else f"cache.spill_dir {cfg.cache.spill_dir}")
+    check_spill_dir(spill_dir, max(0, 2 * stage - memory) + 2 * stage, owner)
     return ActivationCache(device, device_bytes=budgets[0], host_bytes=budgets[1], spill_dir=spill_dir)

@@ -1,0 +1,227 @@
+"""Resume decisions of fabricq.resume.WorkDirectory, one at a time on tiny files: when a work
+directory counts as progress, what `resume=true|false|auto` does with it, which differences are
+refused and how they are named, what a discard keeps, and the hidden-state snapshots. Written
+against the mutants of benchmarks/mutation.py that the run-level tests in test_resume.py let
+survive (see benchmarks/README.md, mutation testing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fabricq.calibration.cache import ActivationCache
+from fabricq.errors import FabricqError
+from fabricq.quant.gptq import gptq_quantize
+from fabricq.quant.grid import QuantScheme
+from fabricq.resume import WorkDirectory, load_results, save_results
+
+IDENTITY = {"config": {"quant": {"bits": 4, "group_size": 128}}, "model": {"files": {"config.json": {"size": 10}}},
+            "data_sha256": "aa", "world_size": 1}
+
+
+def one_result(bits: int = 4, columns: int = 32):
+    g = torch.Generator().manual_seed(columns)
+    w, x = torch.randn(6, columns, generator=g), torch.randn(64, columns, generator=g)
+    qw = gptq_quantize(w, x.T @ x / 64, QuantScheme(bits, -1, True, "none"), block_size=8)
+    return {"m": (qw, {"loss": 0.5})}
+
+
+def committed(path, layers: int = 1, identity: dict = IDENTITY, batches: int = 0) -> WorkDirectory:
+    """A work directory as a run leaves it after committing layers 0…layers-1, lock released."""
+    work = WorkDirectory(path)
+    work.prepare("auto", identity)
+    for k in range(layers):
+        work.commit_layer(k, one_result(), batches)
+    work.close()
+    return work
+
+
+def files(path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_a_fresh_run_creates_nothing_until_the_first_commit(tmp_path):
+    work = WorkDirectory(tmp_path / "w")
+    assert work.prepare("auto", IDENTITY) is False
+    assert not work.path.exists()
+    work.commit_layer(0, one_result(), 0)
+    assert json.loads((work.path / "run.json").read_text())["identity"] == IDENTITY
+    assert (work.path / "layers" / "L00000.safetensors").is_file()
+    assert (work.path / "state" / "L00000.rank0.json").is_file()
+
+
+@pytest.mark.parametrize("mode", ["auto", True])
+def test_committed_progress_is_resumed_and_kept(tmp_path, mode):
+    before = files(committed(tmp_path / "w", layers=2).path)
+    work = WorkDirectory(tmp_path / "w")
+    assert work.prepare(mode, IDENTITY) is True
+    assert work.latest_finished_layer() == 1
+    assert files(work.path) == before
+    work.close()
+
+
+def test_resume_true_without_progress_is_refused(tmp_path):
+    with pytest.raises(FabricqError, match=r"resume=true but there is no unfinished run to resume in .*w$"):
+        WorkDirectory(tmp_path / "w").prepare(True, IDENTITY)
+    assert not (tmp_path / "w").exists()
+
+
+def test_resume_false_discards_progress_but_keeps_the_lock_file(tmp_path, caplog):
+    path = committed(tmp_path / "w", layers=2).path
+    work = WorkDirectory(path)
+    with caplog.at_level(logging.INFO, logger="fabricq"):
+        assert work.prepare(False, IDENTITY) is False
+    assert files(path) == ["lock.rank0"]
+    assert f"Discarding the unfinished run in {path} (resume=false)" in caplog.text
+    work.close()
+
+
+def test_run_json_without_a_committed_state_is_no_progress(tmp_path):
+    path = committed(tmp_path / "w", layers=1).path
+    (path / "state" / "L00000.rank0.json").unlink()
+    work = WorkDirectory(path)
+    with pytest.raises(FabricqError, match="no unfinished run to resume"):
+        work.prepare(True, IDENTITY)
+    assert work.prepare("auto", IDENTITY) is False
+    assert files(path) == ["lock.rank0"]  # started over: the stale layer file is gone
+    work.close()
+
+
+def test_a_state_marker_counts_only_when_every_earlier_layer_file_exists(tmp_path):
+    path = committed(tmp_path / "w", layers=3).path
+    work = WorkDirectory(path)
+    assert work.latest_finished_layer() == 2
+    (path / "layers" / "L00001.safetensors").unlink()
+    assert work.latest_finished_layer() == 0
+    (path / "layers" / "L00000.safetensors").unlink()
+    assert work.latest_finished_layer() is None
+
+
+def test_other_ranks_never_discard_rank_0s_work(tmp_path):
+    path = committed(tmp_path / "w", layers=1).path
+    before = files(path)
+    assert WorkDirectory(path, rank=1, world_size=2).prepare(False, IDENTITY) is False
+    assert files(path) == before
+
+
+@pytest.mark.parametrize("change, what, shown", [
+    ({"config": {"quant": {"bits": 8, "group_size": 128}}}, "a different config", "config.quant.bits: 4 → 8"),
+    ({"config": {"quant": {"bits": 4}}}, "a different config", "config.quant.group_size: 128 → None"),
+    ({"model": {"files": {"config.json": {"size": 11}}}}, "a different model", "model.files.config.json.size: 10 → 11"),
+    ({"data_sha256": "bb"}, "different calibration data", "data_sha256: 'aa' → 'bb'"),
+])
+def test_a_different_run_is_refused_naming_the_difference(tmp_path, change, what, shown):
+    path = committed(tmp_path / "w").path
+    before = files(path)
+    work = WorkDirectory(path)
+    with pytest.raises(FabricqError) as err:
+        work.prepare("auto", {**IDENTITY, **change})
+    assert str(err.value) == (
+        f"{path} holds an unfinished run of {what} ({shown}): re-run it with its own settings to finish it, "
+        "pass resume=false to discard it, or choose another output_dir")
+    assert files(path) == before
+    # The refusal released the lock: the right run resumes at once, in this very process.
+    assert WorkDirectory(path).prepare(True, IDENTITY) is True
+
+
+def test_the_first_three_differences_are_named(tmp_path):
+    path = committed(tmp_path / "w").path
+    new = {**IDENTITY, "config": {"quant": {"bits": 8, "group_size": 64}}, "data_sha256": "bb", "world_size": 2}
+    with pytest.raises(FabricqError, match=r"of different calibration data \(config.quant.bits: 4 → 8; "
+                                           r"config.quant.group_size: 128 → 64; data_sha256: 'aa' → 'bb'\):"):
+        WorkDirectory(path).prepare("auto", new)
+
+
+def test_an_unknown_work_format_is_refused(tmp_path):
+    path = committed(tmp_path / "w").path
+    run = json.loads((path / "run.json").read_text())
+    (path / "run.json").write_text(json.dumps({**run, "format": 0}))
+    with pytest.raises(FabricqError, match=r"unfinished run of a different config \(unknown format\)"):
+        WorkDirectory(path).prepare("auto", IDENTITY)
+
+
+def test_key_order_of_the_identity_does_not_matter(tmp_path):
+    path = committed(tmp_path / "w").path
+    reordered = dict(reversed(list(IDENTITY.items())))
+    assert WorkDirectory(path).prepare(True, reordered) is True
+
+
+def test_a_second_process_on_the_work_directory_is_refused(tmp_path):
+    path = committed(tmp_path / "w").path
+    first = WorkDirectory(path)
+    assert first.prepare(True, IDENTITY) is True
+    with pytest.raises(FabricqError, match="another fabricq run is using"):
+        WorkDirectory(path).prepare(True, IDENTITY)
+    first.close()
+    second = WorkDirectory(path)
+    assert second.prepare(True, IDENTITY) is True
+    second.close()
+
+
+def hidden_stage(batches: int):
+    cache = ActivationCache("cpu")
+    stage = cache.new_stage()
+    for b in range(batches):
+        stage.append(torch.full((1, 2, 4), float(b)))
+    return cache, stage
+
+
+def test_hidden_states_replace_a_stale_snapshot_and_restore_checks_the_count(tmp_path):
+    work = WorkDirectory(tmp_path / "w")
+    work.prepare("auto", IDENTITY)
+    hidden = work.path / "hidden" / "L00000.rank0"
+    hidden.mkdir(parents=True)
+    for stale in ("b00000.safetensors", "b00007.safetensors"):  # an earlier, crashed attempt's
+        (hidden / stale).write_bytes(b"stale")
+    cache, stage = hidden_stage(2)
+    assert work.save_hidden(0, stage) == 2
+    assert sorted(p.name for p in hidden.iterdir()) == ["b00000.safetensors", "b00001.safetensors"]
+    work.commit_layer(0, one_result(), 2)
+
+    model = torch.nn.Module()
+    model.m = torch.nn.Linear(32, 6)
+    installed = {}
+
+    class Gptq:
+        def install(self, name, module, result, stats):
+            installed[name] = (module, result.dequantize(), stats)
+
+    restored = work.restore(0, model, Gptq(), cache)
+    assert [float(t.flatten()[0]) for t in restored] == [0.0, 1.0]
+    assert installed["m"][0] is model.m and installed["m"][2] == {"loss": 0.5}
+    assert torch.equal(installed["m"][1], one_result()["m"][0].dequantize())
+
+    (hidden / "b00001.safetensors").unlink()
+    with pytest.raises(FabricqError, match=r"L00000.rank0 is incomplete: pass resume=false to start over"):
+        work.restore(0, model, Gptq(), cache)
+    work.close()
+
+
+def test_restore_warns_when_the_thread_count_changed(tmp_path, caplog):
+    work = committed(tmp_path / "w")
+    state = work.path / "state" / "L00000.rank0.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "threads": torch.get_num_threads() + 3}))
+    model = torch.nn.Module()
+    model.m = torch.nn.Linear(32, 6)
+
+    class Gptq:
+        def install(self, *args):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="fabricq"):
+        assert work.restore(0, model, Gptq(), ActivationCache("cpu")) is None
+    assert (f"Resuming with {torch.get_num_threads()} threads where the run used {torch.get_num_threads() + 3}: "
+            "results may differ in the last bits") in caplog.text
+
+
+@pytest.mark.parametrize("bits, columns", [(8, 30), (4, 30), (8, 32)])
+def test_results_round_trip_with_columns_that_do_not_fill_the_last_word(tmp_path, bits, columns):
+    (qw, stats), = one_result(bits, columns).values()
+    save_results(tmp_path / "L.safetensors", {"m": (qw, stats)})
+    back, _ = load_results(tmp_path / "L.safetensors")["m"]
+    assert torch.equal(back.codes, qw.codes) and back.codes.shape == (6, columns)
+    # Below 8 bits a run holds the packed form (memory); 8-bit codes stay unpacked.
+    assert hasattr(back, "packed_codes") == (bits < 8)
