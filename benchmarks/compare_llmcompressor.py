@@ -81,7 +81,7 @@ def ensure_peer_venv(venv: Path) -> Path:
     """The venv's python, creating and installing llm-compressor into it if needed."""
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import llmcompressor, torch; print(torch.__version__)"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         return python
     print(f"# creating {venv} (llm-compressor's own environment; takes a few minutes)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -120,7 +120,7 @@ def run_measured(cmd: list[str], log_path: Path, threads: int, cwd: Path) -> dic
 def fabricq_overrides(args, output_dir: Path | None = None) -> list[str]:
     q = BENCH.hydra_value
     result = [
-        "+recipe=gptq_w4",
+        "recipe=gptq_w4",
         f"quant.group_size={args.group_size}",
         "quant.damp=0.01",
         "quant.block_size=128",
@@ -446,8 +446,8 @@ def main(argv=None) -> int:
         raise RuntimeError(f"{record} was measured on {done[0]['model_label']}, not {label}: use another --out")
     runs = []
     for repeat in range(args.repeats):
-        for tool, run in (("llm-compressor", lambda: run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat)),
-                          ("fabricq", lambda: run_fabricq(args, run_dir, repeat))):
+        for tool, run in (("llm-compressor", lambda repeat=repeat: run_peer(args, peer_python, source.folder, ids_path, run_dir, repeat)),
+                          ("fabricq", lambda repeat=repeat: run_fabricq(args, run_dir, repeat))):
             previous = [r for r in done if r["tool"] == tool and r["repeat"] == repeat]
             if previous:
                 runs.append(previous[0])

@@ -15,6 +15,10 @@ benchmarks/results/peak-rss-<time>.json.
     python benchmarks/peak_rss.py --num-samples 128                     # the full calibration set
     git archive main | tar -x -C /tmp/fabricq-main
     python benchmarks/peak_rss.py --source /tmp/fabricq-main --source . # before / after
+    python benchmarks/peak_rss.py --timeline model.path=DIR              # a row per layer step too
+
+With --timeline each layer's forward and each solve step (a gate's group, e.g. `layer 3 solve
+down_proj`) is a phase of its own, and the highest ten are printed.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class PhaseSampler:
                 self._record(_status())
 
     def mark(self, phase: str) -> None:
+        if phase in self.phases:  # a phase entered again (a layer's second forward): its own row
+            phase = f"{phase} #{sum(p == phase or p.startswith(phase + ' #') for p in self.phases) + 1}"
         with self._lock:
             status = _status()
             self._record(status)
@@ -102,9 +108,8 @@ class PhaseSampler:
 def _instrument(sampler: PhaseSampler) -> None:
     """Phase markers around the steps of `fabricq.app.run` (looked up by name, so older and newer
     checkouts work alike; a step a checkout lacks is simply not marked)."""
-    import fabricq.app as app
     import fabricq.calibration.loop as calibration
-    import fabricq.export as export
+    from fabricq import app, export
 
     def around(module, name: str, phase: str, after: str) -> None:
         original = getattr(module, name, None)
@@ -136,11 +141,38 @@ def _instrument(sampler: PhaseSampler) -> None:
     calibration.CalibrationLoop.capture = capture_marked
 
 
-def child(source: Path, result_path: Path, fabricq_args: list[str]) -> None:
+def _instrument_layers(sampler: PhaseSampler) -> None:
+    """Finer phases inside calibration: each layer's forwards and each solve step on its own
+    (`--timeline`), to see which part of a layer sets the peak."""
+    import fabricq.calibration.loop as calibration
+    from fabricq.callbacks import gptq
+
+    calibrate_layer = calibration.CalibrationLoop._calibrate_layer
+    solve_step = gptq.GPTQCallback.solve_step
+
+    def calibrate_layer_marked(self, index, *args, **kwargs):
+        sampler.mark(f"layer {index} forward")
+        return calibrate_layer(self, index, *args, **kwargs)
+
+    def solve_step_marked(self, state, groups):
+        short = "+".join(name.rsplit(".", 1)[-1] for group in groups for name in group)
+        sampler.mark(f"layer {state.index} solve {short}")
+        try:
+            return solve_step(self, state, groups)
+        finally:
+            sampler.mark(f"layer {state.index} forward after {short}")
+
+    calibration.CalibrationLoop._calibrate_layer = calibrate_layer_marked
+    gptq.GPTQCallback.solve_step = solve_step_marked
+
+
+def child(source: Path, result_path: Path, fabricq_args: list[str], timeline: bool = False) -> None:
     sampler = PhaseSampler()
     sys.path.insert(0, str(source))
     os.chdir(source)
     _instrument(sampler)
+    if timeline:
+        _instrument_layers(sampler)
     from fabricq.__main__ import main
 
     sys.argv = ["fabricq", *fabricq_args]
@@ -158,7 +190,8 @@ def run_once(args, source: Path, out: Path) -> dict:
                     f"data.num_samples={args.num_samples}", f"data.seq_len={args.seq_len}",
                     f"data.batch_size={args.batch_size}", "eval.enabled=false", f"output_dir={out}",
                     "overwrite=true", "resume=false", *args.overrides]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(source), str(result_path), "--", *fabricq_args]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(source), str(result_path),
+           *(["--timeline"] if args.timeline else []), "--", *fabricq_args]
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(args.threads)
@@ -181,7 +214,7 @@ def run_once(args, source: Path, out: Path) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sep = sys.argv.index("--")
-        child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[sep + 1 :])
+        child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[sep + 1 :], timeline="--timeline" in sys.argv[4:sep])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", action="append", type=Path,
@@ -194,6 +227,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timeline", action="store_true",
+                   help="also a row per layer forward and per solve step (the 10 highest are printed)")
     p.add_argument("overrides", nargs="*", help="more fabricq overrides")
     args = p.parse_args()
     sources = [s.resolve() for s in (args.source or [REPO])]
@@ -211,13 +246,18 @@ def main() -> None:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    def phase_peak(run, phase):  # a phase entered again is "phase #2"; --timeline splits "layers" into "layer N …"
+        peaks = [v["peak_mib"] for k, v in run["phases"].items()
+                 if k == phase or k.startswith(f"{phase} #") or (phase == "layers" and k.startswith("layer "))]
+        return max(peaks) if peaks else None
+
     table = []
     for phase in PHASES:
         row = {"phase": phase}
         for source in sources:
             row[str(source)] = {
-                "peak_mib": median(source, lambda run: run["phases"].get(phase, {}).get("peak_mib")),
-                "end_mib": median(source, lambda run: run["phases"].get(phase, {}).get("end_mib")),
+                "peak_mib": median(source, lambda run, phase=phase: phase_peak(run, phase)),
+                "end_mib": median(source, lambda run, phase=phase: run["phases"].get(phase, {}).get("end_mib")),
             }
         table.append(row)
     totals = {str(s): {"hwm_mib": median(s, lambda run: run["hwm_mib"]),
@@ -225,7 +265,7 @@ def main() -> None:
 
     names = [s.name or str(s) for s in sources]
     header = ["phase"] + [f"{n}: {col}" for n in names for col in ("peak MiB", "end MiB")]
-    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"
     cells = [header] + [[row["phase"]] + [fmt(row[str(s)][k]) for s in sources for k in ("peak_mib", "end_mib")]
                         for row in table]
     cells.append(["lifetime peak (VmHWM)"] + [x for s in sources for x in (fmt(totals[str(s)]["hwm_mib"]), "")])
@@ -235,9 +275,16 @@ def main() -> None:
         cells.append(["peak vs first source"] + [x for s in sources for x in (f"{totals[str(s)]['hwm_mib'] / base:.3f}", "")])
     print(f"\n{args.num_samples} × {args.seq_len} tokens, batch {args.batch_size}, {args.threads} thread(s), "
           f"median of {args.repeats} interleaved repeat(s)")
-    from quantize import print_aligned  # here, not at the top: the measured child imports this file
+    # Imported here, not at the top: the measured child imports this file.
+    from quantize import print_aligned
 
     print_aligned(cells)
+    if args.timeline:
+        for run in runs[: len(sources)]:
+            fine = sorted(((v["peak_mib"], k) for k, v in run["phases"].items() if k.startswith("layer ")), reverse=True)
+            print(f"\nhighest calibration steps ({run['source']}, first repeat):")
+            print_aligned([["step", "peak MiB", "end MiB"]] + [[k, f"{p:.0f}", f"{run['phases'][k].get('end_mib', 0):.0f}"]
+                                                         for p, k in fine[:10]])
     out = REPO / "benchmarks" / "results" / f"peak-rss-{stamp}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
                                "table": table, "totals": totals, "runs": runs}, indent=2))

@@ -69,8 +69,7 @@ def _glibc():
     """The C library if it is glibc (has `mallopt`), else None (musl, macOS, Windows)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # only glibc has it
-        return libc
+        return libc if hasattr(libc, "gnu_get_libc_version") else None  # only glibc has it
     except (OSError, AttributeError, TypeError):
         return None
 
@@ -128,13 +127,53 @@ def _private_file_mappings(suffix: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def drop_mapped_pages(tensors, suffix: str = ".safetensors") -> int:
+PAGEMAP_PRESENT = 1 << 63  # /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PAGEMAP_FILE_OR_SHARED = 1 << 61
+
+
+def _written_pages(start: int, end: int) -> list[bool] | None:
+    """Per page of [start, end) (page-aligned, inside a private file mapping): whether this
+    process holds its own copy of it (present and anonymous: written since it was mapped). None
+    where /proc/self/pagemap cannot be read."""
+    import numpy as np
+
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // _PAGE * 8)
+            entries = np.frombuffer(f.read((end - start) // _PAGE * 8), dtype="<u8")
+    except OSError:
+        return None
+    if len(entries) != (end - start) // _PAGE:
+        return None
+    present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
+    anonymous = (entries & np.uint64(PAGEMAP_FILE_OR_SHARED)) == 0
+    return (present & anonymous).tolist()
+
+
+def _unwritten_runs(start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of pages of [start, end) that still read as the file (none where that is unknown)."""
+    written = _written_pages(start, end)
+    if written is None:
+        return []
+    runs, run_start = [], None
+    for i, dirty in enumerate([*written, True]):
+        if not dirty and run_start is None:
+            run_start = i
+        elif dirty and run_start is not None:
+            runs.append((start + run_start * _PAGE, start + i * _PAGE))
+            run_start = None
+    return runs
+
+
+def drop_mapped_pages(tensors, suffix: str = ".safetensors", keep_written: bool = False) -> int:
     """Take the pages of `tensors` that lie in private mappings of `suffix` files (weights the
     loader memory-mapped from a checkpoint) out of this process's resident memory: clean pages
     are simply unmapped (re-read from the page cache if touched again), pages written since
     (copy-on-write copies) are discarded, so the memory reads as the file again. Only whole
     pages inside a tensor and inside such a mapping are advised; other memory (the heap) is
     never touched. Callers use it for weights they will not read again, or that are unchanged.
+    `keep_written`: leave pages written since (and so any change to the tensors) untouched, for
+    tensors whose callers cannot know whether anything changed them.
     Returns the bytes advised (0 off Linux/glibc)."""
     libc = _glibc()
     if libc is None:
@@ -153,8 +192,11 @@ def drop_mapped_pages(tensors, suffix: str = ".safetensors") -> int:
         end = end // _PAGE * _PAGE
         for low, high in mappings:
             lo, hi = max(start, low), min(end, high)
-            if lo < hi and libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
-                advised += hi - lo
+            if lo >= hi:
+                continue
+            for a, b in _unwritten_runs(lo, hi) if keep_written else [(lo, hi)]:
+                if libc.madvise(a, b - a, MADV_DONTNEED) == 0:
+                    advised += b - a
     return advised
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,7 @@ FAULTS = textwrap.dedent("""
 
 def _thp_mode() -> str:
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return "absent"
     return text.split("[")[1].split("]")[0]
@@ -88,8 +89,9 @@ def test_large_tensors_fault_in_huge_pages_unless_the_environment_says_otherwise
 def test_cache_heap_selects_the_heap_policy(heap, applied, tmp_path, shared_path, monkeypatch):
     """`cache.heap=compact` (the default) applies the policy before any work; `fast` leaves the C
     library's own policy in place. Stops right after the policy would be set."""
-    import fabricq.app
     from in_process import run_app
+
+    import fabricq.app
 
     calls = []
     monkeypatch.setattr(fabricq.app, "return_large_blocks_to_os", lambda: calls.append("policy") or True)
@@ -140,16 +142,46 @@ def test_drop_mapped_pages_leaves_resident_memory_and_keeps_clean_contents(tmp_p
     mapped.close()
 
 
-def test_finished_layers_give_up_their_dense_weights_and_restore_rebuilds_them():
+@pytest.mark.skipif(_glibc() is None, reason="madvise through glibc")
+def test_drop_mapped_pages_keep_written_drops_clean_pages_and_keeps_changes(tmp_path):
+    """With keep_written, clean pages leave RSS as before, but a page written since mapping
+    (a change to the tensor that the file does not hold) keeps its new contents."""
+    import mmap
+
     import torch
 
-    from fabricq.callbacks.base import Callback
+    from fabricq.sysmem import drop_mapped_pages
+
+    path = tmp_path / "weights.safetensors"
+    values = torch.arange(8 << 20, dtype=torch.float32)  # 32 MiB
+    path.write_bytes(values.numpy().tobytes())
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    weight = torch.frombuffer(mapped, dtype=torch.float32)
+    assert torch.equal(weight, values)
+    changed = values.clone()
+    changed[5 << 20 : (5 << 20) + 4096] = -2.0  # four written pages in the middle
+    weight[5 << 20 : (5 << 20) + 4096] = -2.0
+    before = _rss_file_mib()
+    advised = drop_mapped_pages([weight], keep_written=True)
+    if mmap.PAGESIZE == 4096:
+        assert advised == (32 << 20) - 16384  # all but the four written pages
+    assert before - _rss_file_mib() > 28
+    assert torch.equal(weight, changed)  # the change survived, the rest reads as the file
+    drop_mapped_pages([weight])  # without keep_written a written page reverts: the flag is what keeps it
+    assert torch.equal(weight, values)
+    del weight
+    mapped.close()
+
+def test_finished_layers_give_up_their_dense_weights_and_restore_rebuilds_them():
+    import torch
+    from test_calibration import SAMPLES, tiny_llama
 
     from fabricq.calibration.loop import CalibrationLoop
+    from fabricq.callbacks.base import Callback
     from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
     from fabricq.callbacks.release import ReleaseFinishedWeights
     from fabricq.quant.grid import QuantScheme
-    from test_calibration import SAMPLES, tiny_llama
 
     model = tiny_llama()
     gptq = GPTQCallback(GPTQSettings(scheme=QuantScheme(4, 16, True, "static"), block_size=8))
@@ -174,3 +206,45 @@ def test_finished_layers_give_up_their_dense_weights_and_restore_rebuilds_them()
         assert torch.equal(modules[name].weight, result.dequantize()), name
     logits = model(input_ids=SAMPLES[:1]).logits
     assert torch.isfinite(logits).all()
+
+
+def _resident_pages(tensor) -> int:
+    """Pages of `tensor` present in this process's memory (from /proc/self/pagemap)."""
+    import numpy as np
+
+    page = 4096
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(start // page * 8)
+        entries = np.frombuffer(f.read(-(-(end - start) // page) * 8), dtype="<u8")
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+@pytest.mark.skipif(_glibc() is None, reason="madvise through glibc")
+def test_capture_leaves_the_embeddings_out_of_resident_memory_and_keeps_changed_rows(tmp_path):
+    """After the first layer's inputs are captured, the pages of the memory-mapped embeddings
+    are no longer resident; rows written before (not the file's contents) keep their values."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fabricq.calibration.loop import CalibrationLoop
+    from fabricq.models import ModelSource, load_model
+
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = load_model(ModelSource(tmp_path), "float32")
+    embedding = model.get_input_embeddings().weight
+    saved = embedding.detach().clone()
+    with torch.no_grad():
+        embedding[3].fill_(7.0)  # a change made in memory before calibration
+    saved[3] = 7.0
+    assert _resident_pages(embedding) > 0
+    samples = torch.randint(0, 8192, (4, 16), generator=torch.Generator().manual_seed(0))
+    loop = CalibrationLoop(model, samples, device="cpu", batch_size=2, callbacks=[])
+    stage = loop.capture()
+    assert len(stage) == 2
+    assert _resident_pages(embedding) <= 2  # only the written page (and a shared edge) stay
+    assert torch.equal(embedding, saved)
