@@ -124,7 +124,7 @@ def test_overwrite_replaces_output_with_rtn(tiny_run, tiny_llama, tmp_path):
                            "actorder, damp, block_size, hessian_dtype, true_sequential, ignore"),
         (["quant.bits=5"], "quant.bits must be one of (2, 3, 4, 8), got 5"),
         (["quant.group_size=0"], "quant.group_size must be a positive integer or -1 (per-channel), got 0"),
-        (["quant.actorder=random"], "quant.actorder must be one of ('none', 'static', 'dynamic'), got 'random'"),
+        (["quant.actorder=random"], "quant.actorder must be one of ('none', 'static', 'dynamic', 'folded'), got 'random'"),
         (["model.path=/nonexistent/model"], "model.path does not exist: /nonexistent/model"),
         (["data.path=/nonexistent/text.txt"], "data.path does not exist or is not a file: /nonexistent/text.txt"),
         (["pipeline.lag=1"], "pipeline.lag was removed (every layer is calibrated on the quantized outputs of the "
