@@ -44,3 +44,16 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "fabricq", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def stories260k_path(shared_path):
+    return shared_path("models", "stories260k")
+
+
+@pytest.fixture(scope="session")
+def cli_w4_reference(shared_path, tmp_path_factory):
+    """The command line's W4 checkpoint of stories260k and its calibration windows (tests/cli_reference.py)."""
+    from cli_reference import cli_reference
+
+    return cli_reference(shared_path, tmp_path_factory.mktemp("cli") / "w4")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from cli_reference import API_OVERRIDES, assert_same_tensors, load_tiny
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,60 +18,12 @@ from fabricq.callbacks.base import Callback
 from fabricq.callbacks.hessians import SharedInputHessians
 from fabricq.errors import FabricqError
 
-# stories260k: 5 layers; 13 windows of 64 tokens in batches of 2 (a short last batch).
-SMALL = ["data.num_samples=13", "data.seq_len=64", "data.batch_size=2", "quant.hessian_dtype=float64",
-         "export.dtype=float32"]
-API_OVERRIDES = ["data.batch_size=2", "quant.hessian_dtype=float64", "export.dtype=float32"]
 
-
-def load_tiny(path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def cli_reference(shared_path, out) -> tuple[torch.Tensor, dict]:
-    """The command line's checkpoint for SMALL, and the very windows it calibrated on."""
-    from in_process import compose_config
-
-    from fabricq.config import load_settings
-    from fabricq.data import prepare_text
-    from fabricq.models import load_tokenizer, resolve_model_source
-
-    model, text = shared_path("models", "stories260k"), shared_path("data", "tinystories-sample.txt")
-    paths = [f"model.path={model}", f"data.path={text}"]
-    done = run_cli("recipe=gptq_w4", *paths, *SMALL, "eval.enabled=false", f"output_dir={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    settings = load_settings(compose_config("recipe=gptq_w4", *paths, *SMALL, "eval.enabled=false"))
-    windows = prepare_text(load_tokenizer(resolve_model_source(str(model))), settings.data, settings.eval).calibration
-    report = json.loads((out / "report.json").read_text())
-    from fabricq.resume import data_identity
-
-    assert data_identity(windows) == report["calibration"]["sha256"], "not the windows the CLI calibrated on"
-    return windows, load_file(out / "model.safetensors")
-
-
-def assert_same_tensors(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    differ = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
-    assert not differ, f"differs from the CLI's checkpoint in {differ[:5]}"
-
-
-@pytest.fixture(scope="module")
-def reference(shared_path, tmp_path_factory):
-    return cli_reference(shared_path, tmp_path_factory.mktemp("cli") / "w4")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(shared_path):
-    return shared_path("models", "stories260k")
-
-
-def test_api_without_fabric_writes_the_cli_checkpoint(reference, tiny_path, tmp_path):
+def test_api_without_fabric_writes_the_cli_checkpoint(cli_w4_reference, stories260k_path, tmp_path):
     import fabricq
 
-    windows, expected = reference
-    model = load_tiny(tiny_path)
+    windows, expected = cli_w4_reference
+    model = load_tiny(stories260k_path)
     result = fabricq.quantize(model, windows, recipe="gptq_w4", overrides=API_OVERRIDES)
     assert len(result.quantized) == 35 and result.report["calibration"]["samples"] == 13
     assert result.report["scheme"]["bits"] == 4 and set(result.report["modules"]) == set(result.quantized)
@@ -89,22 +41,22 @@ def test_api_without_fabric_writes_the_cli_checkpoint(reference, tiny_path, tmp_
         result.save(out)
 
 
-def test_api_with_a_fabric_and_dict_batches(reference, tiny_path):
+def test_api_with_a_fabric_and_dict_batches(cli_w4_reference, stories260k_path):
     """A launched Fabric's ranks (one here), and the windows given as a list of dicts: the same
     quantized weights as the tensor of windows without a Fabric."""
     from lightning.fabric import Fabric
 
     import fabricq
 
-    windows, expected = reference
+    windows, expected = cli_w4_reference
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.launch()
-    model = load_tiny(tiny_path)
+    model = load_tiny(stories260k_path)
     batches = [{"input_ids": w[None]} for w in windows]
     result = fabricq.quantize(model, batches, overrides=API_OVERRIDES, fabric=fabric)
     assert sorted(result.quantized) == sorted(n[: -len(".weight_packed")] for n in expected if n.endswith("weight_packed"))
     got = {n: qw.dequantize() for n, qw in result.quantized.items()}
-    plain = fabricq.quantize(load_tiny(tiny_path), windows, overrides=API_OVERRIDES)
+    plain = fabricq.quantize(load_tiny(stories260k_path), windows, overrides=API_OVERRIDES)
     assert all(torch.equal(got[n], qw.dequantize()) for n, qw in plain.quantized.items())
 
 
@@ -138,10 +90,10 @@ def _record(model, ids, mask=None, batch_size=2) -> dict:
     return recorder.sums
 
 
-def test_padding_does_not_change_the_hessians(tiny_path):
+def test_padding_does_not_change_the_hessians(stories260k_path):
     """Two sequences of 64 and 40 tokens, the short one right-padded to 64 with arbitrary tokens
     (mask 0), give every layer the Hessian sums of the two sequences calibrated separately."""
-    model = load_tiny(tiny_path).eval()
+    model = load_tiny(stories260k_path).eval()
     g = torch.Generator().manual_seed(1)
     a, b = torch.randint(3, 500, (64,), generator=g), torch.randint(3, 500, (40,), generator=g)
     padded = torch.stack([a, torch.cat([b, torch.randint(3, 500, (24,), generator=g)])])
@@ -188,10 +140,10 @@ def test_masked_rows_are_left_out_of_a_shared_input_hessian():
     ({"calibration_ids": {"ids": torch.ones(2, 8, dtype=torch.long)}}, "a dict without input_ids"),
     ({"calibration_ids": [torch.ones(2, 8, dtype=torch.long), torch.ones(2, 9, dtype=torch.long)]}, "different widths"),
 ])
-def test_bad_input_is_one_error_before_any_weight_changes(tiny_path, kwargs, message):
+def test_bad_input_is_one_error_before_any_weight_changes(stories260k_path, kwargs, message):
     import fabricq
 
-    model = load_tiny(tiny_path)
+    model = load_tiny(stories260k_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = {"calibration_ids": torch.ones(4, 16, dtype=torch.long), **kwargs}
     with pytest.raises(FabricqError, match=message):
@@ -206,11 +158,11 @@ def test_a_model_without_decoder_layers_is_refused():
         fabricq.quantize(nn.Sequential(nn.Linear(4, 4)), torch.ones(2, 4, dtype=torch.long))
 
 
-def test_a_failure_midway_restores_every_weight(tiny_path, monkeypatch):
+def test_a_failure_midway_restores_every_weight(stories260k_path, monkeypatch):
     import fabricq
     from fabricq.callbacks import solver
 
-    model = load_tiny(tiny_path)
+    model = load_tiny(stories260k_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     solve = solver.GroupQuantizer.solve
 

@@ -13,9 +13,9 @@ import textwrap
 import lightning as L
 import pytest
 import torch
+from cli_reference import API_OVERRIDES, assert_same_tensors
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
-from test_api import API_OVERRIDES, assert_same_tensors, cli_reference
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
@@ -42,16 +42,6 @@ def make_trainer(callback, devices=1, **kwargs):
                      enable_model_summary=False, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def reference(shared_path, tmp_path_factory):
-    return cli_reference(shared_path, tmp_path_factory.mktemp("cli") / "w4")
-
-
-@pytest.fixture(scope="module")
-def tiny_path(shared_path):
-    return shared_path("models", "stories260k")
-
-
 class Recorder:
     """A Lightning logger that keeps what it is given."""
 
@@ -64,12 +54,12 @@ class Recorder:
         return logger
 
 
-def test_fit_end_quantizes_to_the_cli_checkpoint(reference, tiny_path, tmp_path):
+def test_fit_end_quantizes_to_the_cli_checkpoint(cli_w4_reference, stories260k_path, tmp_path):
     from fabricq.callbacks import GPTQ
     from fabricq.export import load_dequantized_state_dict
 
-    windows, expected = reference
-    module = CausalLM(tiny_path)
+    windows, expected = cli_w4_reference
+    module = CausalLM(stories260k_path)
     logger = Recorder()
     callback = GPTQ(num_samples=13, seq_len=64, output_dir=tmp_path / "w4", overrides=API_OVERRIDES)
     make_trainer(callback, logger=logger).fit(module, DataLoader(list(windows), batch_size=3))
@@ -85,12 +75,12 @@ def test_fit_end_quantizes_to_the_cli_checkpoint(reference, tiny_path, tmp_path)
         sum(s["loss"] for n, s in losses.items() if ".layers.1." in n))
 
 
-def test_dict_batches_with_padding_give_the_tensor_batches_weights(reference, tiny_path):
+def test_dict_batches_with_padding_give_the_tensor_batches_weights(cli_w4_reference, stories260k_path):
     """Batches as dicts whose rows end in padding (attention_mask 0, arbitrary tokens): the
     padding is left out, so the windows (and weights) are those of the unpadded tokens."""
     from fabricq.callbacks import GPTQ
 
-    windows, _ = reference
+    windows, _ = cli_w4_reference
     windows = windows[:6]
     g = torch.Generator().manual_seed(0)
     padded = torch.cat([windows, torch.randint(3, 500, (6, 16), generator=g)], dim=1)
@@ -99,7 +89,7 @@ def test_dict_batches_with_padding_give_the_tensor_batches_weights(reference, ti
     results = []
     for loader in (DataLoader(rows, batch_size=2), DataLoader(list(windows), batch_size=2)):
         callback = GPTQ(num_samples=6, seq_len=64, overrides=API_OVERRIDES, when="train_end", model_attr="model")
-        make_trainer(callback, logger=False).fit(CausalLM(tiny_path), loader)
+        make_trainer(callback, logger=False).fit(CausalLM(stories260k_path), loader)
         results.append(callback.result)
     assert results[0].report["calibration"] == results[1].report["calibration"]
     assert all(torch.equal(qw.dequantize(), results[1].quantized[n].dequantize()) for n, qw in results[0].quantized.items())
@@ -121,11 +111,11 @@ class NoDecoder(L.LightningModule):
     ({}, [{"ids": torch.ones(2, 64, dtype=torch.long)}], "batch 0 is a dict without input_ids"),
     ({}, None, "the trainer has no train dataloader"),
 ])
-def test_bad_input_is_one_error_and_the_weights_stay(reference, tiny_path, callback_args, data, message):
+def test_bad_input_is_one_error_and_the_weights_stay(cli_w4_reference, stories260k_path, callback_args, data, message):
     from fabricq.callbacks import GPTQ
 
-    windows, _ = reference
-    module = CausalLM(tiny_path)
+    windows, _ = cli_w4_reference
+    module = CausalLM(stories260k_path)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     loader = data if data is not None else list(windows[:16].split(2))
     if "no train dataloader" in message:
@@ -165,17 +155,17 @@ if callback.result.ranks.global_rank == 1:
 """
 
 
-def test_two_ddp_processes_quantize_to_the_cli_checkpoint(reference, tiny_path, tmp_path):
+def test_two_ddp_processes_quantize_to_the_cli_checkpoint(cli_w4_reference, stories260k_path, tmp_path):
     """Trainer(strategy="ddp", devices=2): the DistributedSampler gives each rank every other
     window; each calibrates its own, the Hessians are reduced over the Trainer's process group."""
     from fabricq.export import load_dequantized_state_dict
 
-    windows, expected = reference
+    windows, expected = cli_w4_reference
     (tmp_path / "ddp.py").write_text(textwrap.dedent(DDP_SCRIPT % (API_OVERRIDES,)))
     torch.save(windows, tmp_path / "windows.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"}
     done = subprocess.run([sys.executable, str(tmp_path / "ddp.py"), str(tmp_path / "windows.pt"), str(tmp_path / "w4"),
-                           str(tiny_path), str(tmp_path / "rank1.pt")], cwd=tmp_path, env=env, capture_output=True,
+                           str(stories260k_path), str(tmp_path / "rank1.pt")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_tensors(load_file(tmp_path / "w4" / "model.safetensors"), expected)
