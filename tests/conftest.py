@@ -37,9 +37,10 @@ def shared_path():
     return require_shared
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m fabricq ARGS` from the repository root, one thread, output captured."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m fabricq ARGS` from the repository root, one thread, output captured; `env` adds
+    environment variables."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "fabricq", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,

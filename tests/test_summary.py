@@ -26,8 +26,9 @@ def sweep(shared_path, tmp_path_factory):
     """A finished 3-recipe sweep of stories260k; the sweep's stdout."""
     model = shared_path("models", "stories260k")
     folder = tmp_path_factory.mktemp("multirun") / "2025-01-01_00-00-00"
+    cache = tmp_path_factory.mktemp("cache")  # an empty evaluation cache: the first job fills it
     result = run_cli("-m", f"recipe={','.join(RECIPES)}", f"model.path={model}", *TINY,
-                     f"hydra.sweep.dir={folder}")
+                     f"hydra.sweep.dir={folder}", env={"FABRICQ_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, model, result.stdout
 
@@ -58,6 +59,9 @@ def test_sweep_writes_summary_equal_to_the_reports(sweep):
         for key in ("ppl_before", "ppl_after", "kl_after", "wall_s", "peak_rss_mib"):
             assert float(row[key]) == report[key], key  # csv keeps full precision
         assert (job / "report.md").is_file()
+        # The original model is evaluated once per sweep: later jobs read the first job's cache entry.
+        assert report["eval"]["cached"] is (num > 0), num
+        assert report["ppl_before"] == json.loads((folder / "0" / "report.json").read_text())["ppl_before"]
         assert (job / "report.png").is_file() == (report["method"] == "gptq")  # rtn records no losses
         assert f"| {num} | {RECIPES[num]} | ok |" in stdout  # the table is printed
         assert f"| {num} | {RECIPES[num]} | ok |" in (folder / "summary.md").read_text()
