@@ -8,7 +8,6 @@ with the command line's writer under the same output-directory rules (`fabricq.o
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -158,8 +157,8 @@ class QuantizeResult:
         `output_dir` (rank 0; every rank returns once it is written). A non-empty `output_dir` is
         refused unless `overwrite` (default: the config's `overwrite`); it appears complete or not
         at all."""
-        from fabricq import report_card
         from fabricq.output import OutputClaim, check_inputs_outside, check_output_dir
+        from fabricq.report_card import write_report_files
         from fabricq.serving import save_checkpoints
 
         output_dir = Path(output_dir)
@@ -176,9 +175,7 @@ class QuantizeResult:
                 report["export"] = {"formats": save_checkpoints(self.model, self.quantized, staging, tokenizer,
                                                                 self.config.export),
                                     "dtype": str(self.export_dtype).removeprefix("torch.")}
-                (staging / "report.json").write_text(json.dumps(report, indent=2))
-                report_card.write_report_card(staging, report)  # report.md (+ report.png), as the CLI
-                (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+                write_report_files(staging, report, self.cfg)
                 claim.publish(staging)
                 failed = False
             finally:
@@ -259,13 +256,15 @@ def _evaluate(ranks, model, windows, config: Settings, report: dict, timings: di
     model.eval()
     try:
         result = evaluate_sharded(ranks, model, windows, ranks.device, keep=config.eval.kl_windows if when == "before" else 0,
-                                  reference=reference, desc=f"Perplexity {when}", stride=config.eval.stride)
+                                  reference=reference, desc=f"Perplexity {when}", stride=config.eval.stride,
+                                  top_k=config.eval.kl_top_k)  # the compact reference, as the command line keeps
     finally:
         model.train(training)
     report[f"ppl_{when}"] = result["ppl"]
     report["eval_tokens"] = result["tokens"]
     if reference is not None:
         report["kl_after"] = result["kl"]
+        report["kl_after_lower_bound"] = result["kl_lower_bound"]
     timings[f"eval_{when}_s"] = time.perf_counter() - tick
     return result.pop("logprobs")
 

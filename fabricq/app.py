@@ -9,7 +9,6 @@ files, the resume directory and the output around it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -222,6 +221,7 @@ def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights
 
 def export(job: Job, gptq: GPTQCallback) -> dict:
     """Rank 0 writes the checkpoint(s), report.json and the resolved config, then publishes."""
+    from fabricq.report_card import write_report_files
     from fabricq.serving import save_checkpoints
 
     report = job.report
@@ -249,11 +249,7 @@ def export(job: Job, gptq: GPTQCallback) -> dict:
         timings=job.timings,
         modules=gptq.stats,
     )
-    from fabricq import report_card
-    report["size_on_disk"] = report_card.disk_sizes(job.source, staging)  # weight files: original vs written
-    (staging / "report.json").write_text(json.dumps(report, indent=2))
-    report_card.write_report_card(staging, report)  # report.md (+ report.png) beside report.json
-    (staging / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(job.cfg, resolve=True))
+    write_report_files(staging, report, job.cfg, job.source)
     job.output.publish(staging)
     job.work.remove()
     runtime.finish(job.fabric)

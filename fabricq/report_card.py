@@ -8,6 +8,7 @@ report.json's `size_on_disk` and `python -m fabricq.summary` share.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
@@ -199,3 +200,16 @@ def write_report_card(folder: Path, report: dict) -> Path:
     path = folder / REPORT_MD
     path.write_text("\n".join(lines))
     return path
+
+
+def write_report_files(folder: Path, report: dict, cfg, source=None) -> None:
+    """What every output folder holds beside its checkpoint: report.json (with `size_on_disk` when
+    the original model's `source` is known), report.md (+ report.png) and the resolved config."""
+    from omegaconf import OmegaConf
+
+    folder = Path(folder)
+    if source is not None:
+        report["size_on_disk"] = disk_sizes(source, folder)  # weight files: original vs written
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    write_report_card(folder, report)
+    (folder / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from hydra.experimental.callback import Callback
 
 from fabricq.report_card import (
     MIB,
@@ -289,10 +290,6 @@ def is_rank_zero() -> bool:
 
 _sweep: dict = {}  # the sweep in progress in this process: its directory and the jobs it started
 
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # Hydra missing: `python -m fabricq.summary` needs only the files
-    Callback = object
 
 
 class SweepSummary(Callback):
