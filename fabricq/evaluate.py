@@ -30,6 +30,7 @@ from fabricq.recovery.teacher import (
     final_hidden,
     head_is_plain,
     logit_chunks,
+    student_rest,
     top_and_rest,
     topk_kl_from_logprobs,
 )
@@ -98,12 +99,12 @@ def _kl_chunk(reference, start: int, logprobs: torch.Tensor) -> tuple[float, flo
     if isinstance(reference, tuple):
         parts = [t[start:end].to(logprobs.device) for t in reference]
         indices, ref_top, ref_rest = parts[0].long(), parts[1].float(), parts[2].float()
-        coarse = float(topk_kl_from_logprobs(logprobs.float(), indices, ref_top, ref_rest))
+        model_rest = student_rest(logprobs, indices)  # shared by the coarse KL and the tail term
+        coarse = float(topk_kl_from_logprobs(logprobs, indices, ref_top, ref_rest, model_rest))
         if len(parts) == 3:
             return coarse, coarse
         drawn, ref_drawn = parts[3].long(), parts[4].float()
-        model_rest = logprobs.float().scatter(-1, indices, float("-inf")).logsumexp(-1)
-        ratio = (ref_drawn - ref_rest[:, None]) - (logprobs.float().gather(-1, drawn) - model_rest[:, None])
+        ratio = (ref_drawn - ref_rest[:, None]) - (logprobs.gather(-1, drawn) - model_rest[:, None])
         tail = torch.where(torch.isfinite(ref_rest), ref_rest.exp() * ratio.mean(-1), 0.0)
         return coarse + float(tail.sum(dtype=torch.float64)), coarse
     ref = reference[start:end].to(logprobs.device).float()

@@ -41,6 +41,25 @@ def test_api_without_fabric_writes_the_cli_checkpoint(cli_w4_reference, stories2
         result.save(out)
 
 
+def test_api_evaluation_matches_plain_transformers_and_keeps_a_compact_reference(cli_w4_reference, stories260k_path):
+    """eval_ids: perplexity before equals the mean next-token loss transformers computes itself;
+    after quantization it rises and the KL (estimate and top-k lower bound) is positive."""
+    import fabricq
+
+    windows, _ = cli_w4_reference
+    model = load_tiny(stories260k_path)
+    eval_ids = windows[:4]
+    with torch.no_grad():  # every window scores its seq_len - 1 predictions: the mean of the means
+        losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in eval_ids]
+    result = fabricq.quantize(model, windows, overrides=API_OVERRIDES, eval_ids=eval_ids)
+    report = result.report
+    assert report["ppl_before"] == pytest.approx(float(torch.tensor(losses).mean().exp()), rel=1e-5)
+    assert report["ppl_after"] > report["ppl_before"]
+    assert report["kl_after"] > 0 and 0 < report["kl_after_lower_bound"] < 10 * report["kl_after"]
+    # The compact top-k reference (estimate ≠ its lower bound); full float16 rows would give equal ones.
+    assert report["kl_after"] != report["kl_after_lower_bound"]
+
+
 def test_api_with_a_fabric_and_dict_batches(cli_w4_reference, stories260k_path):
     """A launched Fabric's ranks (one here), and the windows given as a list of dicts: the same
     quantized weights as the tensor of windows without a Fabric."""

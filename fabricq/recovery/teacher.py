@@ -77,9 +77,6 @@ def top_and_rest(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return top, idx, rest
 
 
-_top_and_rest = top_and_rest  # the name tests/test_recovery_math.py uses
-
-
 @dataclass
 class TeacherTargets:
     """Per window and predicted position (windows, seq_len − 1): top-k token ids and log-probs and
@@ -161,11 +158,17 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprob
     return topk_kl_from_logprobs(student, indices, teacher_logprobs, teacher_rest) * temperature**2
 
 
+def student_rest(student: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside the teacher's top-k `indices` (a log-sum-exp: no cancellation)."""
+    return student.scatter(-1, indices, float("-inf")).logsumexp(-1)
+
+
 def topk_kl_from_logprobs(student: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor,
-                          teacher_rest: torch.Tensor) -> torch.Tensor:
-    """`topk_kl` at T = 1 from the student's log-probs (…, vocab) (the evaluation has them already)."""
+                          teacher_rest: torch.Tensor, s_rest: torch.Tensor | None = None) -> torch.Tensor:
+    """`topk_kl` at T = 1 from the student's log-probs (…, vocab) (the evaluation has them already);
+    `s_rest`: `student_rest(student, indices)` when the caller needs it too (one full-vocabulary pass)."""
     s_top = student.gather(-1, indices)
-    s_rest = student.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    s_rest = student_rest(student, indices) if s_rest is None else s_rest
     p_top = teacher_logprobs.exp()
     top_terms = (p_top * (teacher_logprobs - s_top)).sum(-1)
     has_rest = torch.isfinite(teacher_rest)
