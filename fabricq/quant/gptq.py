@@ -307,8 +307,11 @@ def gptq_solve(
     block_size: int = 128,
     scale_dtype: torch.dtype = torch.float32,
     name: str = "module",
+    grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
-    """GPTQ of `weight` (rows, columns) on a Hessian prepared by `prepare_hessian`."""
+    """GPTQ of `weight` (rows, columns) on a Hessian prepared by `prepare_hessian`. `grid`: fixed
+    (scale, zero, g_idx) of an existing result — only the codes are chosen, in the prepared
+    order (re-quantizing onto a checkpoint's grid, `fabricq.recovery.merge`)."""
     if prepared.actorder != scheme.actorder:
         raise ValueError(f"Hessian prepared for actorder={prepared.actorder!r}, scheme has {scheme.actorder!r}")
     rows, columns = weight.shape
@@ -320,7 +323,13 @@ def gptq_solve(
             RuntimeWarning,
             stacklevel=2,
         )
-        result = rtn_quantize(weight.float().masked_fill(dead, 0.0), scheme, scale_dtype)
+        w = weight.float().masked_fill(dead, 0.0)
+        if grid is None:
+            result = rtn_quantize(w, scheme, scale_dtype)
+        else:
+            scale, zero, g_idx = grid
+            codes = quantize_codes(w, expand_groups(scale.float(), g_idx), expand_groups(zero.float(), g_idx), scheme)
+            result = QuantizedWeight(codes.to(torch.int8).cpu(), scale.cpu(), zero.cpu(), g_idx.cpu(), scheme, {})
         result.info.update(method="rtn_fallback", damp=None)
         return result
     w = weight.float().clone()
@@ -330,14 +339,17 @@ def gptq_solve(
     used_damp = prepared.damp
 
     static_params = None
-    if scheme.actorder == "static":
+    if grid is not None:
+        static_params = (grid[0].to(w.device), grid[1].to(w.device))
+        orig_g_idx = grid[2].to(device=w.device, dtype=torch.long)
+    elif scheme.actorder == "static":
         # Groups stay contiguous in the original order, so their scales are fixed up front.
         static_params = _group_params_upfront(w, scheme, scale_dtype)
         orig_g_idx = _contiguous_group_index(columns, scheme.group_size).to(w.device)
     w = w.index_select(1, perm)
 
     size = columns if scheme.group_size == -1 else scheme.group_size
-    if scheme.actorder == "static":
+    if static_params is not None:
         group_starts = []
         col_scale = expand_groups(static_params[0], orig_g_idx[perm])
         col_zero = expand_groups(static_params[1], orig_g_idx[perm])
@@ -365,7 +377,7 @@ def gptq_solve(
 
     inverse_perm = torch.argsort(perm)
     codes = codes.index_select(1, inverse_perm)
-    if scheme.actorder == "static":
+    if static_params is not None:
         scale, zero = static_params
         g_idx = orig_g_idx.to(torch.int32)
     elif scheme.actorder == "dynamic":

@@ -17,16 +17,20 @@ it, crosses half a quantization step.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fabricq.quant.gptq import PackedQuantizedWeight, QuantizedWeight, _block_boundaries, _solve_block, prepare_hessian
-from fabricq.quant.grid import expand_groups, quantize_codes
+from fabricq.quant.gptq import (
+    PackedQuantizedWeight,
+    QuantizedWeight,
+    gptq_solve,
+    prepare_hessian,
+)
 from fabricq.recovery.eora import layerwise_hessians
 
 log = logging.getLogger("fabricq")
@@ -38,29 +42,15 @@ BLOCK = 128  # columns per lazy-update block, as the run's GPTQ
 def requantize_on_grid(weight: torch.Tensor, grid: PackedQuantizedWeight | QuantizedWeight, hessian: torch.Tensor, *,
                        damp: float = 0.01) -> QuantizedWeight:
     """GPTQ of `weight` (rows, columns) on the fixed grid of `grid` (its scales, zero points and
-    g_idx are kept; new codes). The solve order is the grid's act-order (descending diag H for
-    static/dynamic, natural otherwise). Where no damping makes H positive definite, each weight
-    is rounded to its nearest grid point."""
-    scheme = grid.scheme
-    order = "none" if scheme.actorder == "none" else "dynamic"  # only the permutation is used
+    g_idx are kept; new codes): `gptq_solve` with `grid=`. The solve order is the grid's act-order
+    (descending diag H unless it was solved in natural order); where no damping makes H positive
+    definite, each weight is rounded to its nearest grid point."""
+    order = "none" if grid.scheme.actorder == "none" else "dynamic"  # only the permutation is used
+    scheme = replace(grid.scheme, actorder=order)
     prepared = prepare_hessian(hessian.float(), order, damp=damp)
-    col_scale = expand_groups(grid.scale.float(), grid.g_idx.long())
-    col_zero = expand_groups(grid.zero.float(), grid.g_idx.long())
-    w = weight.float().clone()
-    if prepared.upper is None:
-        codes = quantize_codes(w, col_scale, col_zero, scheme)
-    else:
-        perm = prepared.perm
-        w, col_scale, col_zero = (t.index_select(1, perm).contiguous() for t in (w, col_scale, col_zero))
-        codes = torch.empty_like(w)
-        upper = prepared.upper
-        edges = _block_boundaries(w.shape[1], BLOCK, [])
-        for i1, i2 in itertools.pairwise(edges):
-            errors = _solve_block(w, codes, col_scale, col_zero, upper, i1, i2, scheme)
-            w[:, i2:].addmm_(errors, upper[i1:i2, i2:], alpha=-1)
-        codes = codes.index_select(1, torch.argsort(perm))
-    return QuantizedWeight(codes.to(torch.int8), grid.scale.clone(), grid.zero.clone(), grid.g_idx.clone(), scheme,
-                           {"method": "gptq-merge", "damp": prepared.damp})
+    result = gptq_solve(weight, prepared, scheme, block_size=BLOCK, grid=(grid.scale, grid.zero, grid.g_idx))
+    method = "gptq-merge" if prepared.upper is not None else "rtn-merge"
+    return replace(result, scheme=grid.scheme, info={**result.info, "method": method})
 
 
 @torch.no_grad()
