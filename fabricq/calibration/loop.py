@@ -97,7 +97,9 @@ class CalibrationLoop:
         self.transfer = TransferStream(self.device)
         self.gated = GatedForward(self.device)
         self.kwargs: list[dict] = []
-        self.token_masks = None if attention_mask is None else [m.bool() for m in attention_mask.split(batch_size)]
+        # On the device once: observers index every module input of every batch with them.
+        self.token_masks = (None if attention_mask is None
+                            else [m.bool().to(self.device) for m in attention_mask.split(batch_size)])
 
     def layer_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
