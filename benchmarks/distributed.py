@@ -1,4 +1,4 @@
-"""Speed-up of data-parallel calibration: N ranks × T threads against 1 rank × T threads.
+"""Speed-up of data-parallel calibration: N ranks × T threads against 1 rank × T threads (or × S).
 
 Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =N, interleaved
 (1, N, 1, N, ...) so that load from other processes hits both alike, and reports per run:
@@ -14,6 +14,7 @@ Runs `python -m fabricq` on the same model and data with trainer.devices=1 and =
 - bytes communicated (Hessian reductions to owners, result broadcasts, metadata).
 
     OMP_NUM_THREADS=1 python benchmarks/distributed.py                 # 128 × 512 C4, 2 ranks
+    python benchmarks/distributed.py --single-threads 2 --no-eval       # 2 ranks × 1 thread vs 1 rank × 2
     python benchmarks/distributed.py --samples 32 --repeats 2           # shorter
 
 Writes benchmarks/results/distributed-<time>.json and prints a table.
@@ -36,7 +37,8 @@ C4 = REPO.parent / "shared" / "data" / "c4-train-sample.jsonl"
 
 
 def run_once(ranks: int, args, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    threads = args.single_threads if ranks == 1 and args.single_threads else args.threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [
         sys.executable, "-m", "fabricq", f"+recipe={args.recipe}", f"data.path={args.data}",
         f"data.num_samples={args.samples}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
@@ -87,6 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument("--single-threads", type=int, default=None,
+                        help="threads of the 1-rank run (default --threads): e.g. 2 ranks × 1 thread against "
+                             "1 rank × 2 threads, the same cores used either way")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -120,7 +125,7 @@ def main() -> None:
         one, many = mean(key, 1), mean(key, args.ranks)
         rows.append({"phase": label, "one_rank_s": one, "ranks_s": many, "speedup": one / many})
     load = os.getloadavg()
-    print(f"\n{args.ranks} ranks × {args.threads} thread(s) vs 1 rank × {args.threads}; {args.samples} × {args.seq_len} "
+    print(f"\n{args.ranks} ranks × {args.threads} thread(s) vs 1 rank × {args.single_threads or args.threads}; {args.samples} × {args.seq_len} "
           f"tokens of {Path(args.data).name}; {args.repeats} repeat(s); load average now {load[0]:.1f}\n")
     print(f"| phase | 1 rank (s) | {args.ranks} ranks (s) | speed-up |")
     print("| --- | --- | --- | --- |")

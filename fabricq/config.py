@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -212,6 +212,7 @@ class ExportSettings:
     dtype: str = setting("auto", one_of("auto", "float16", "bfloat16", "float32"))
     engine: str = setting("none", one_of("none", "vllm", "tgi", "transformers"))
     tp: int = setting(1, POSITIVE)
+    tp_aware: bool = setting(False, boolean)
 
 
 def module_names(value, key):
@@ -354,13 +355,23 @@ def load_settings(cfg: DictConfig | dict, environ=os.environ) -> Settings:
     problem: a bad value, an unknown or removed key, a contradiction between fields, a missing
     input file, or a launch this machine and environment cannot do."""
     node = _plain(cfg) if isinstance(cfg, DictConfig) else cfg
-    settings = _build(Settings, node, "", _unused(node))
+    settings = tensor_parallel_friendly(_build(Settings, node, "", _unused(node)))
     from fabricq.runtime import check_launch  # runtime imports this module
 
     check_combinations(settings)
     check_input_files(settings)
     check_launch(settings, environ)
     return settings
+
+
+def tensor_parallel_friendly(s: Settings) -> Settings:
+    """`export.tp_aware=true` asks for a checkpoint whose groups are contiguous, so a tensor-parallel
+    engine shards scales with the rows and never gathers activations by g_idx. On a `dynamic` run that
+    is folded act-order (the dynamic order where it folds exactly into the weights, static elsewhere);
+    none, static and folded already have contiguous groups."""
+    if s.export.tp_aware and s.quant.actorder == "dynamic":
+        return replace(s, quant=replace(s.quant, actorder="folded"))
+    return s
 
 
 def check_combinations(s: Settings) -> None:

@@ -337,3 +337,29 @@ def test_two_ranks_write_the_one_rank_folded_checkpoint(shared_path, tmp_path):
     _assert_identical(one, two)
     report = json.loads((one / "report.json").read_text())
     assert {m["actorder"] for n, m in report["modules"].items() if n.endswith(("down_proj", "o_proj"))} == {"dynamic"}
+
+
+def test_tp_aware_turns_a_dynamic_run_into_a_folded_one():
+    from fabricq.api import compose_config
+
+    _, dynamic = compose_config("gptq_w4", ["quant.actorder=dynamic", "export.format=gptq"])
+    assert dynamic.quant.actorder == "dynamic"
+    _, aware = compose_config("gptq_w4", ["quant.actorder=dynamic", "export.tp_aware=true"])
+    assert aware.quant.actorder == "folded"  # and compressed-tensors is no longer refused
+    for actorder in ("none", "static", "folded"):  # groups already contiguous: left as asked
+        assert compose_config("gptq_w4", [f"quant.actorder={actorder}", "export.tp_aware=true"])[1].quant.actorder \
+            == actorder
+    with pytest.raises(FabricqError, match="export.tp_aware must be true or false"):
+        compose_config("gptq_w4", ["export.tp_aware=yes"])
+
+
+def test_tp_aware_dynamic_run_writes_the_folded_checkpoint(shared_path, tmp_path):
+    from conftest import run_cli
+    from test_distributed import _assert_identical, _small
+
+    result = run_cli("-m", "recipe=gptq_w4", *_small(shared_path), "quant.hessian_dtype=float64",
+                     "quant.group_size=4", "quant.actorder=folded,dynamic", "export.tp_aware=true",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_identical(tmp_path / "0", tmp_path / "1")
+    assert "g_idx" not in (tmp_path / "1" / "config.json").read_text()
