@@ -49,8 +49,48 @@ def test_a_fresh_run_creates_nothing_until_the_first_commit(tmp_path):
     assert not work.path.exists()
     work.commit_layer(0, one_result(), 0)
     assert json.loads((work.path / "run.json").read_text())["identity"] == IDENTITY
-    assert (work.path / "layers" / "L00000.safetensors").is_file()
-    assert (work.path / "state" / "L00000.rank0.json").is_file()
+    # The documented layout, nothing else (no temporary names left behind).
+    assert files(work.path) == ["hidden", "layers", "layers/L00000.safetensors", "lock.rank0", "run.json",
+                                "state", "state/L00000.rank0.json"]
+    work.close()
+
+
+def test_a_work_directory_whose_parent_folders_do_not_exist_yet(tmp_path):
+    # output_dir=runs/new/out: the work directory runs/new/.out.work is the first thing created.
+    work = WorkDirectory(tmp_path / "runs" / "new" / ".out.work")
+    assert work.prepare("auto", IDENTITY) is False
+    work.commit_layer(0, one_result(), 0)
+    assert work.latest_finished_layer() == 0
+    work.close()
+
+
+def test_only_rank_0_writes_run_json_and_the_layer_results(tmp_path):
+    """Another rank commits its own marker only, even when it gets there before rank 0."""
+    path = tmp_path / "w"
+    peer = WorkDirectory(path, rank=1, world_size=2)
+    assert peer.prepare("auto", IDENTITY) is False
+    peer.commit_layer(0, one_result(), 0)
+    assert files(path) == ["hidden", "layers", "lock.rank1", "state", "state/L00000.rank1.json"]
+    peer.close()
+
+
+def test_alone_by_default_only_the_last_committed_layer_is_kept(tmp_path):
+    work = WorkDirectory(tmp_path / "w")  # rank 0 of a world of 1
+    work.prepare("auto", IDENTITY)
+    for k in range(3):
+        work.commit_layer(k, one_result(), 0)
+        work.release_older(k)
+    assert sorted(p.name for p in (work.path / "state").iterdir()) == ["L00002.rank0.json"]
+    work.close()
+
+
+def test_close_twice_then_prepare_again_holds_the_lock_again(tmp_path):
+    work = committed(tmp_path / "w")
+    work.close()  # committed() closed it already: a second close is harmless
+    assert work.prepare(True, IDENTITY) is True
+    with pytest.raises(FabricqError, match="another fabricq run is using"):
+        WorkDirectory(work.path).prepare(True, IDENTITY)
+    work.close()
 
 
 @pytest.mark.parametrize("mode", ["auto", True])
@@ -75,7 +115,7 @@ def test_resume_false_discards_progress_but_keeps_the_lock_file(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="fabricq"):
         assert work.prepare(False, IDENTITY) is False
     assert files(path) == ["lock.rank0"]
-    assert f"Discarding the unfinished run in {path} (resume=false)" in caplog.text
+    assert f"Discarding the unfinished run in {path} (resume=false)" in caplog.messages
     work.close()
 
 
@@ -214,7 +254,62 @@ def test_restore_warns_when_the_thread_count_changed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fabricq"):
         assert work.restore(0, model, Gptq(), ActivationCache("cpu")) is None
     assert (f"Resuming with {torch.get_num_threads()} threads where the run used {torch.get_num_threads() + 3}: "
-            "results may differ in the last bits") in caplog.text
+            "results may differ in the last bits") in caplog.messages
+
+
+class FakeCudaRng:
+    """torch.cuda's generator-state calls on a host without CUDA: two devices whose states are
+    byte strings, so a resumed run's restore can be compared with what the crashed run saved."""
+
+    def __init__(self, monkeypatch, states):
+        self.states = [torch.tensor(s, dtype=torch.uint8) for s in states]
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_all)
+
+    def set_all(self, states):
+        self.states = [s.clone() for s in states]
+
+
+def restore_layer_0(work):
+    model = torch.nn.Module()
+    model.m = torch.nn.Linear(32, 6)
+
+    class Gptq:
+        def install(self, *args):
+            pass
+
+    return work.restore(0, model, Gptq(), ActivationCache("cpu"))
+
+
+def test_cuda_generator_states_are_restored_on_resume(tmp_path, monkeypatch):
+    result = one_result()
+    cuda = FakeCudaRng(monkeypatch, [[1, 2, 3], [250, 0, 7]])
+    work = WorkDirectory(tmp_path / "w")
+    work.prepare("auto", IDENTITY)
+    work.commit_layer(0, result, 0)
+    cuda.states = [torch.zeros(3, dtype=torch.uint8)] * 2  # the resumed process starts elsewhere
+    restore_layer_0(work)
+    assert [s.tolist() for s in cuda.states] == [[1, 2, 3], [250, 0, 7]]
+    work.close()
+
+
+def test_a_cpu_checkpoint_resumes_on_a_cuda_host_leaving_its_generators_alone(tmp_path, monkeypatch):
+    work = committed(tmp_path / "w")  # no CUDA while it ran: no CUDA states saved
+    cuda = FakeCudaRng(monkeypatch, [[9, 9]])
+    restore_layer_0(work)
+    assert [s.tolist() for s in cuda.states] == [[9, 9]]
+
+
+def test_a_nested_value_against_a_plain_one_is_refused_naming_it(tmp_path):
+    """A config entry that was null and is now a mapping (or the reverse) is one difference."""
+    old = {**IDENTITY, "config": {"quant": {"bits": 4, "group_size": 128}, "recovery": None}}
+    path = committed(tmp_path / "w", identity=old).path
+    new = {**old, "config": {**old["config"], "recovery": {"rank": 32}}}
+    with pytest.raises(FabricqError, match=r"of a different config \(config.recovery: None → \{'rank': 32\}\):"):
+        WorkDirectory(path).prepare("auto", new)
+    with pytest.raises(FabricqError, match=r"of a different config \(config.recovery: None → 'lora'\):"):
+        WorkDirectory(path).prepare("auto", {**old, "config": {**old["config"], "recovery": "lora"}})
 
 
 @pytest.mark.parametrize("bits, columns", [(8, 30), (4, 30), (8, 32)])
