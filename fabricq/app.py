@@ -236,7 +236,8 @@ def export(job: Job, gptq: GPTQCallback) -> dict:
     report.update(
         model=job.source.name,
         method=job.settings.method,
-        scheme=OmegaConf.to_container(job.cfg.quant, resolve=True),
+        # as solved: export.tp_aware turns a dynamic run into a folded one
+        scheme={**OmegaConf.to_container(job.cfg.quant, resolve=True), "actorder": job.config.quant.actorder},
         calibration={
             "samples": int(job.text.calibration.shape[0]),
             "seq_len": int(job.text.calibration.shape[1]),

@@ -363,3 +363,4 @@ def test_tp_aware_dynamic_run_writes_the_folded_checkpoint(shared_path, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_identical(tmp_path / "0", tmp_path / "1")
     assert "g_idx" not in (tmp_path / "1" / "config.json").read_text()
+    assert json.loads((tmp_path / "1" / "report.json").read_text())["scheme"]["actorder"] == "folded"  # as solved
