@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fabricq.sysmem import huge_pages_for_large_tensors
+from fabricq.sysmem import huge_pages_for_large_tensors, import_without
 
 huge_pages_for_large_tensors()  # before anything imports torch
 
@@ -38,6 +38,8 @@ def _task(cfg: DictConfig) -> None:
     try:
         check_one_scheme(hydra.runtime.choices)
         settings = load_settings(cfg)  # before the heavy imports: a config error is reported at once
+        import_without("lightning_fabric", ("torchmetrics",))  # before fabricq.runtime imports it
+        import_without("transformers.modeling_utils", ("scipy",))  # before fabricq.models imports it
         from fabricq.app import run
         from fabricq.runtime import run_multirun_job_in_subprocess
 

@@ -26,7 +26,7 @@ def make_strategy(settings: Settings):
     trainer = settings.trainer
     if trainer.world_size == 1 and trainer.strategy == "auto":
         return "auto"
-    from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
+    from lightning_fabric.strategies import DDPStrategy, FSDPStrategy
 
     timeout = timedelta(seconds=float(settings.distributed.timeout_s))
     if trainer.strategy == "fsdp":
@@ -49,7 +49,7 @@ def launch(settings: Settings, output_dir: Path):
     directory appended, so all ranks agree on it. Then the ranks compare config digests.
 
     Returns (fabric, output_dir as rank 0 sees it)."""
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     trainer = settings.trainer
     if trainer.world_size > 1 and external_launcher() is None and "LOCAL_RANK" not in os.environ:

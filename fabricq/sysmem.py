@@ -1,4 +1,5 @@
-"""The C heap and the operating system: returning freed memory (glibc only; no-ops elsewhere).
+"""The C heap and the operating system: returning freed memory (glibc only; no-ops elsewhere);
+and an import that leaves a library fabricq never calls out of memory (`import_without`).
 
 How the process's C heap hands memory back to the operating system (glibc only).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -61,8 +63,10 @@ M_ARENA_MAX = -8
 
 # Blocks of at least this many bytes get their own mapping. Below it: Python objects, small
 # tensors (biases, norms, scales), where a system call per allocation would cost more than the
-# memory it saves.
-DEFAULT_THRESHOLD = 1 << 20
+# memory it saves. 2 MiB is where torch starts backing blocks with huge pages
+# (`huge_pages_for_large_tensors`): a smaller mapped block would fault in 4 KiB pages each time it
+# is allocated again (benchmarks/README.md, "Heap threshold").
+DEFAULT_THRESHOLD = 2 << 20
 
 
 def _glibc():
@@ -95,9 +99,8 @@ def huge_pages_for_large_tensors() -> bool:
     """Ask torch to back every CPU tensor of 2 MiB or more with transparent huge pages (torch's
     `THP_MEM_ALLOC_ENABLE`: 2 MiB-aligned blocks, `madvise(MADV_HUGEPAGE)`). With freed large
     blocks returned to the OS (`return_large_blocks_to_os`), each fresh activation is new memory,
-    and faulting it in 4 KiB pages is slow; a huge page is one fault for 512 of them. Measured on
-    the default model (32 × 512 tokens, 1 thread, A B A B): calibration 161 s → 133 s (0.82x),
-    peak RSS unchanged (the blocks are still unmapped when freed), bit-identical checkpoints.
+    and faulting it in 4 KiB pages is slow; a huge page is one fault for 512 of them (the
+    blocks are still unmapped when freed: same peak; benchmarks/README.md, "Heap policy").
 
     torch reads the variable once, at its first allocation, so this must run before torch is
     imported (`python -m fabricq` does; a library user sets the variable in the environment).
@@ -207,3 +210,30 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def import_without(module: str, optional: tuple[str, ...]):
+    """Import `module` while the packages `optional` (ones it can do without) look absent to
+    it, then make them importable again; returns the module. Python's documented way:
+    `sys.modules[name] = None` makes `import name` raise ImportError (and `find_spec` answer
+    None). Packages already imported are left alone; if `module` fails without them after all,
+    it is imported with them. `python -m fabricq` uses it for what the libraries import and
+    fabricq never calls: torchmetrics and matplotlib, imported by Lightning Fabric's version
+    checks (their only reader is Fabric's SpikeDetection), ~58 MiB resident; scipy, imported by
+    transformers' object-detection losses, ~36 MiB."""
+    left_out = [name for name in optional if name not in sys.modules]
+
+    def restore():
+        for name in left_out:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+    for name in left_out:
+        sys.modules[name] = None
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        restore()
+        return importlib.import_module(module)
+    finally:
+        restore()

@@ -7,7 +7,7 @@ truncated or mismatched checkpoint would otherwise be quantized and exported wit
 
 from __future__ import annotations
 
-import math
+import json
 import re
 from pathlib import Path
 
@@ -16,8 +16,10 @@ import torch
 from fabricq.errors import FabricqError
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-# Elements read at once while scanning for NaN/Inf (a float32 chunk: 64 MiB).
-SCAN_ELEMENTS = 1 << 24
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Elements read at once while scanning for NaN/Inf (a float32 chunk: 4 MiB). One buffer serves
+# every chunk, so the scan holds a few chunks' worth of memory whatever the size of the files.
+SCAN_ELEMENTS = 1 << 20
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 Header = dict[str, tuple[str, tuple[int, ...], Path]]
@@ -137,27 +139,54 @@ def check_tensors_match_config(folder: Path, config: dict, headers: Header) -> N
     _check_tied_copies(model, headers)
 
 
-def _rows(handle, name: str, shape: tuple[int, ...]):
-    """A tensor in chunks of whole rows, read from the file one chunk at a time."""
-    if not shape:
-        yield handle.get_tensor(name)
-        return
-    view = handle.get_slice(name)
-    step = max(1, SCAN_ELEMENTS // max(1, math.prod(shape[1:])))
-    for start in range(0, shape[0], step):
-        yield view[start : start + step]
+def _data_ranges(file: Path) -> dict[str, tuple[int, int]]:
+    """name → (first byte, end byte) of each tensor's data in a safetensors file, from its header
+    (8-byte little-endian header length, JSON header, then the data)."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _chunks(f, span: tuple[int, int], dtype: torch.dtype, buffer: bytearray):
+    """The tensor stored in bytes `span` of the open file `f`, as consecutive flat chunks read
+    into `buffer` (each valid until the next is read). Plain reads, not a memory map: the file's
+    pages stay in the page cache, not in this process's resident memory."""
+    size = dtype.itemsize
+    step = len(buffer) // size * size
+    view = memoryview(buffer)
+    f.seek(span[0])
+    position = span[0]
+    while position < span[1]:
+        want = min(step, span[1] - position)
+        got = 0
+        while got < want:
+            n = f.readinto(view[got:want])
+            if not n:
+                raise FabricqError(f"{f.name} ends inside a tensor's data (truncated file?)")
+            got += n
+        position += got
+        yield torch.frombuffer(buffer, dtype=dtype, count=got // size)
+
+
+def _scan_buffer(dtype: torch.dtype) -> bytearray:
+    return bytearray(SCAN_ELEMENTS * dtype.itemsize)
 
 
 def _check_tied_copies(model, headers: Header) -> None:
     """A tied weight stored twice must be the same tensor: transformers keeps only one of them."""
-    from safetensors import safe_open
-
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if target not in headers or source not in headers or headers[target][:2] != headers[source][:2]:
             continue
-        with safe_open(str(headers[target][2]), "pt") as a, safe_open(str(headers[source][2]), "pt") as b:
-            shape = headers[target][1]
-            if not all(torch.equal(x, y) for x, y in zip(_rows(a, target, shape), _rows(b, source, shape))):
+        dtype = TORCH_DTYPES.get(headers[target][0])
+        if dtype is None:
+            continue
+        a_file, b_file = headers[target][2], headers[source][2]
+        a_span, b_span = _data_ranges(a_file)[target], _data_ranges(b_file)[source]
+        with open(a_file, "rb") as a, open(b_file, "rb") as b:
+            pairs = zip(_chunks(a, a_span, dtype, _scan_buffer(dtype)), _chunks(b, b_span, dtype, _scan_buffer(dtype)))
+            if not all(torch.equal(x, y) for x, y in pairs):
                 raise FabricqError(
                     f"{target} differs from {source} in the weight files, but config.json ties them "
                     f"(tie_word_embeddings): the model would use {source} for both; set tie_word_embeddings=false"
@@ -165,17 +194,21 @@ def _check_tied_copies(model, headers: Header) -> None:
 
 
 def check_finite(files: list[Path], headers: Header) -> None:
-    """No NaN/Inf in any floating-point tensor (embeddings and norms included), read tensor by
-    tensor in chunks so memory stays low."""
-    from safetensors import safe_open
-
+    """No NaN/Inf in any floating-point tensor (embeddings and norms included), read in chunks
+    into one reused buffer so memory stays low."""
+    buffers: dict[torch.dtype, bytearray] = {}
     for file in files:
-        with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():
-                dtype, shape, _ = headers[name]
-                if dtype not in FLOAT_DTYPES:
+        spans = _data_ranges(file)
+        with open(file, "rb") as f:
+            for name, span in sorted(spans.items(), key=lambda item: item[1]):  # in file order
+                dtype = TORCH_DTYPES.get(headers[name][0])
+                if dtype is None:
                     continue
-                bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in _rows(handle, name, shape))
+                if dtype not in buffers:
+                    buffers[dtype] = _scan_buffer(dtype)
+                buffer = buffers[dtype]
+                bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in _chunks(f, span, dtype, buffer)
+                          if not torch.isfinite(chunk).all())
                 if bad:
                     raise FabricqError(
                         f"weights of {name.removesuffix('.weight')} contain {bad} NaN/Inf values ({name} in "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fabricq.callbacks.base import Callback
-from fabricq.callbacks.hessians import SharedInputHessians
+from fabricq.callbacks.hessians import SharedInputHessians, learn_input_groups
 from fabricq.callbacks.solver import (
     GPTQSettings,
     LayerState,
@@ -113,6 +113,10 @@ class GPTQCallback(Callback):
         if self.settings.method == "gptq":
             groups = None
             known = self._groupings.get(self._shape_key(loop, state)) if self._gated else None
+            if known is None and self._gated:  # before the first forward, so it is gated by group too
+                known = learn_input_groups(loop, index, layer, state.targets)
+                if known is not None:
+                    self._groupings[self._shape_key(loop, state)] = known
             if known is not None:
                 prefix = loop.layer_name(index) + "."
                 groups = [[prefix + n for n in group] for group in known]

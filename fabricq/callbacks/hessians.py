@@ -127,3 +127,56 @@ class SharedInputHessians:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def learn_input_groups(loop, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> list[list[str]] | None:
+    """Modules by shared input (names relative to the layer), learnt before the layer's
+    calibration forward from one forward of `layer` on a random batch with every other hook set
+    aside: the same tensor object → the same group, as `SharedInputHessians` learns it. Knowing
+    the groups up front, the first layer is gated group by group like the others, instead of
+    module by module (which holds each batch's output of every module until its own gate:
+    gate_proj's, four hidden widths per token, until up_proj's gate). None where some module is
+    not called in this forward (e.g. routed experts): the calibration forward learns them then."""
+    if not loop.kwargs or not modules:
+        return None
+    first = next(iter(modules.values())).weight
+    batch, seq = loop.samples.split(loop.batch_size)[0].shape
+    hidden_size = loop.model.config.get_text_config().hidden_size
+    hidden = torch.randn(batch, seq, hidden_size, generator=torch.Generator().manual_seed(2)).to(first)
+    leader: dict[str, str] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def learn(name: str):
+        def observe(module, args):
+            x = args[0]
+            if name not in leader:
+                known = seen.get(id(x))
+                leader[name] = known[0] if known is not None and known[1] is x else name
+                seen.setdefault(id(x), (name, x))
+            if len(leader) == len(modules):
+                raise StopLayerForward  # every module has its group: the rest of the forward is not needed
+
+        return observe
+
+    parts = list(layer.modules())
+    saved = [(m._forward_pre_hooks, m._forward_hooks) for m in parts]
+    for m in parts:
+        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    handles = [m.register_forward_pre_hook(learn(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            layer(hidden, **loop.kwargs[0])
+    except StopLayerForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, (pre, post) in zip(parts, saved):
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+    if len(leader) < len(modules):
+        return None
+    cut = len(loop.layer_name(index)) + 1
+    groups: dict[str, list[str]] = {}
+    for name, lead in leader.items():  # in call order: each group led by its first-called member
+        groups.setdefault(lead, []).append(name[cut:])
+    return list(groups.values())
