@@ -9,6 +9,8 @@ each recovery on a copy of its output with `python -m fabricq.recover COPY +reco
     python benchmarks/recovery.py --recipes gptq_w4 --recoveries eora lora qlora --ranks 1 2
     python benchmarks/recovery.py --reuse DIR                      # recover existing outputs DIR/<recipe>
     python benchmarks/recovery.py --max-windows 2 --num-samples 16 --extra recovery.steps=8   # quick
+    python benchmarks/recovery.py --model ../shared/models/stories260k --recipes gptq_w4 --recoveries lora \
+        --ranks 1 2 --num-samples 16 --seq-len 128 --eval-seq-len 256 --max-windows 2   # tiny, end to end
 
 Each quantization runs twice when --rss is given: once with evaluation (perplexity before/after)
 and once without, whose lifetime peak RSS is the quantization phase's alone.
@@ -26,8 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from quantize import (DEFAULT_CALIB, DEFAULT_EVAL, child_env, hydra_value, machine_info,  # noqa: E402
-                      print_aligned)
+from quantize import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    child_env,
+    hydra_value,
+    machine_info,
+    print_aligned,
+)
 
 
 def stream(cmd: list[str], log_path: Path, label: str, env: dict) -> tuple[int, float]:
@@ -47,6 +55,8 @@ def quantize(args, recipe: str, out: Path, evaluate: bool = True) -> dict:
     cmd = [sys.executable, "-m", "fabricq", f"recipe={recipe}", f"output_dir={hydra_value(out)}", "overwrite=true",
            f"data.num_samples={args.num_samples}", f"data.seq_len={args.seq_len}",
            f"eval.seq_len={args.eval_seq_len}", f"eval.max_windows={args.max_windows}", f"eval.enabled={str(evaluate).lower()}"]
+    if args.model:
+        cmd.append(f"model.path={hydra_value(Path(args.model).resolve())}")
     if args.calib:
         cmd.append(f"data.path={hydra_value(Path(args.calib).resolve())}")
     if args.eval:
@@ -80,15 +90,18 @@ def recover(args, source: Path, name: str, ranks: int) -> dict:
 
 COLUMNS = [("label", "{}"), ("ppl_before", "{:.3f}"), ("ppl_after", "{:.3f}"), ("ppl_after_recovery", "{:.3f}"),
            ("ppl_gap_closed", "{:.1%}"), ("kl_after", "{:.4f}"), ("kl_after_recovery", "{:.4f}"),
-           ("kl_gap_closed", "{:.1%}"), ("wall_s", "{:.0f}"), ("train_s", "{:.0f}"), ("gptq_s", "{:.0f}"),
-           ("peak_rss_mib", "{:.0f}"), ("quant_rss_mib", "{:.0f}")]
+           ("kl_gap_closed", "{:.1%}"), ("wall_s", "{:.0f}"), ("eora_s", "{:.0f}"), ("train_s", "{:.0f}"),
+           ("gptq_s", "{:.0f}"), ("wall_vs_gptq", "{:.2f}"), ("peak_rss_mib", "{:.0f}"),
+           ("peak_rss_eval_mib", "{:.0f}"), ("quant_rss_mib", "{:.0f}")]
 
 
 def row(result: dict, runs: dict) -> dict:
     s = result.get("section", {})
     run = runs.get(result.get("recipe"), {})
-    return {**s, "label": result["label"], "train_s": s.get("timings", {}).get("train_s"),
-            "gptq_s": run.get("quantize_s"), "quant_rss_mib": run.get("quant_rss_mib")}
+    timings, gptq = s.get("timings", {}), run.get("quantize_s")
+    return {**s, "label": result["label"], "train_s": timings.get("train_s"), "eora_s": timings.get("eora_s"),
+            "gptq_s": gptq, "wall_vs_gptq": s["wall_s"] / gptq if gptq and s.get("wall_s") else None,
+            "quant_rss_mib": run.get("quant_rss_mib") or run.get("peak_rss_mib")}
 
 
 def profile_steps(args) -> dict:
@@ -177,6 +190,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=["gptq_w3", "gptq_w4"])
     p.add_argument("--recoveries", nargs="+", default=["eora", "lora"])
     p.add_argument("--ranks", nargs="+", type=int, default=[1])
+    p.add_argument("--model", help="a model folder (model.path) instead of the default model")
     p.add_argument("--calib", default=str(DEFAULT_CALIB) if DEFAULT_CALIB.is_file() else None)
     p.add_argument("--eval", default=str(DEFAULT_EVAL) if DEFAULT_EVAL.is_file() else None)
     p.add_argument("--num-samples", type=int, default=128)
@@ -231,6 +245,9 @@ def main(argv=None) -> int:
     cells = [[k for k, _ in COLUMNS]] + [[fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in COLUMNS]
                                          for r in rows]
     print_aligned(cells, rule=True)
+    for r in rows:  # where each recovery's memory peaks (MiB), against the quantization run's
+        print(f"peak RSS by phase, {r['label']}:", json.dumps({k: round(v) for k, v in
+                                                               (r.get("peak_rss_by_phase_mib") or {}).items()}))
     speedups = {}
     for r in rows:
         if r.get("world_size") == 2:

@@ -249,7 +249,7 @@ class RecoverySettings:
     top_k: int = setting(32, POSITIVE)
     weight_decay: float = setting(0.0, number("a number ≥ 0", at_least=0))
     max_grad_norm: float | None = setting(1.0, optional(number("a positive number or null (no clipping)", above=0)))
-    eora_samples: int = setting(32, POSITIVE)
+    eora_samples: int = setting(16, POSITIVE)
     damp: float = setting(0.01, number("a finite number between 0 and 1 (exclusive)", above=0, below=1))
     data: RecoveryDataSettings = section(RecoveryDataSettings)
     checkpoint_every: int = setting(4, POSITIVE)

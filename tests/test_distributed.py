@@ -525,7 +525,7 @@ def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_r
     per_layer = (3 * 64 * 64 + 172 * 172) * 4
     assert report["distributed"]["bytes_sent"]["hessian_reduce"] == 2 * 5 * per_layer
     layers = report["distributed"]["layers"]
-    assert [layer["steps"] for layer in layers] == [7, 4, 4, 4, 4]  # layer 0 learns the groups module by module
+    assert [layer["steps"] for layer in layers] == [4] * 5  # groups known before layer 0 (learn_input_groups)
     for layer in layers:  # both ranks solved, and every row of the layer's 7 modules exactly once
         assert {g["owner"] for g in layer["groups"]} == {0, 1}
         covered: dict[str, list[int]] = {}

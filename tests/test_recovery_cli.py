@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO_ROOT, SHARED_DIR, run_cli
+from safetensors.torch import load_file
 
 MODEL = SHARED_DIR / "models" / "stories260k"
 TEXT = SHARED_DIR / "data" / "tinystories-sample.txt"
@@ -28,10 +27,11 @@ RECOVER = ["recovery.seq_len=32", "recovery.rank=8", "recovery.alpha=16", "recov
            "recovery.top_k=16", "recovery.warmup=0"]
 
 
-def recover_cli(run_dir: Path, *args: str, timeout: int = 900, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fabricq.recover", str(run_dir), *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, **popen)
+def recover_cli(run_dir: Path, *args: str, timeout: int = 900, env: dict | None = None,
+                **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fabricq.recover", str(run_dir), *args], check=False, cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,14 @@ def quantized_run(tmp_path_factory) -> Path:
     if not MODEL.exists() or not TEXT.exists():
         pytest.skip(f"{MODEL} or {TEXT} is absent (../shared beside the checkout holds the test data/models)")
     out = tmp_path_factory.mktemp("recovery") / "w4"
-    result = run_cli(*QUANTIZE, f"output_dir={out}")
+    result = run_cli(*QUANTIZE, f"output_dir={out}", env=cache_env(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def cache_env(run_dir: Path) -> dict:
+    """The evaluation cache the quantization of `run_dir` filled (beside it, not the user's)."""
+    return {"FABRICQ_CACHE": str(run_dir.parent / "cache")}
 
 
 @pytest.fixture
@@ -55,8 +60,9 @@ def adapter_of(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_recover_writes_peft_adapter_and_report(run_copy):
-    result = recover_cli(run_copy, "+recovery=lora", "recovery.steps=6", "recovery.log_every=2", *RECOVER)
+def test_recover_writes_peft_adapter_and_report(run_copy, quantized_run):
+    result = recover_cli(run_copy, "+recovery=lora", "recovery.steps=6", "recovery.log_every=2", *RECOVER,
+                         env=cache_env(quantized_run))
     assert result.returncode == 0, result.stderr[-3000:]
     section = json.loads((run_copy / "report.json").read_text())["recovery"]
     assert section["steps"] == 6 and section["tokens"] == 6 * 31 and section["modules"] == 35
@@ -80,6 +86,37 @@ def test_recover_writes_peft_adapter_and_report(run_copy):
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 8)
     assert not any(p.name.startswith(".") for p in run_copy.parent.iterdir())  # work folder removed
+    # The original model's KL reference came from the run's evaluation cache, not a new forward.
+    assert section["reference_windows_cached"] == 2
+    # The chunked evaluation with the compact reference agrees with a dense one: whole-window
+    # logits of the served model (transformers + PEFT) and of the original model.
+    assert_matches_dense_evaluation(run_copy, section)
+
+
+def assert_matches_dense_evaluation(run_dir: Path, section: dict) -> None:
+    from fabricq.data import prepare_text
+    from fabricq.models import load_model, load_tokenizer, resolve_model_source
+    from fabricq.recover import compose_config
+    from fabricq.recovery.adapter import load_with_adapter
+
+    cfg = compose_config(run_dir, ["+recovery=lora"])
+    source = resolve_model_source(cfg.model.path)
+    windows = prepare_text(load_tokenizer(source), cfg.data, cfg.eval).evaluation
+    with torch.no_grad():
+        q = load_with_adapter(run_dir, dtype=torch.float32)(input_ids=windows).logits.double().log_softmax(-1)[:, :-1]
+        p = load_model(source)(input_ids=windows).logits.double().log_softmax(-1)[:, :-1]
+    nll = -q.gather(-1, windows[:, 1:, None]).mean()
+    assert section["ppl_after_recovery"] == pytest.approx(float(nll.exp()), rel=1e-4)
+    p, q = p[: cfg.eval.kl_windows], q[: cfg.eval.kl_windows]
+    full = float((p.exp() * (p - q)).sum(-1).mean())
+    # The KL of both distributions coarsened to the reference's top-k tokens and the rest.
+    top, idx = p.topk(cfg.eval.kl_top_k, dim=-1)
+    p_rest = p.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    q_rest = q.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    coarse = (top.exp() * (top - q.gather(-1, idx))).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    assert section["kl_after_recovery_lower_bound"] == pytest.approx(float(coarse.mean()), rel=1e-4)
+    assert section["kl_after_recovery_lower_bound"] < full
+    assert section["kl_after_recovery"] == pytest.approx(full, rel=0.05)  # the tail term is a sampled estimate
 
 
 def test_peft_loads_adapter_onto_export_with_fabricqs_logits(quantized_run, tmp_path):

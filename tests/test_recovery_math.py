@@ -123,13 +123,13 @@ def test_attach_freezes_base_and_starts_at_base_output():
 
 
 def _train(mode: str, steps=4, seed=0):
+    import tempfile
+    from pathlib import Path
+
     from lightning.fabric import Fabric
 
     from fabricq.recovery.settings import TrainSettings
     from fabricq.recovery.train import CheckpointStore, train
-
-    import tempfile
-    from pathlib import Path
 
     model, quantized = _rtn_model()
     lora = attach_lora(model, quantized, list(quantized), rank=4, alpha=8, mode=mode, seed=seed)
@@ -193,22 +193,38 @@ def _psd(n, tokens, seed):
     return x.T @ x / tokens
 
 
-def test_eora_equals_direct_svd_reference():
+@pytest.mark.parametrize("rows, ranks, scaling", [(12, (1, 3, 7), 2.0), (6, (2,), 0.5)])
+def test_eora_equals_direct_svd_reference(rows, ranks, scaling):
     """The issue's formula, directly: SVD of E·H^{1/2} (symmetric root by eigendecomposition),
-    truncated, mapped back with H^{-1/2}. The implementation uses a Cholesky factor instead."""
-    gen = torch.Generator().manual_seed(0)
-    error = torch.randn(12, 10, generator=gen, dtype=torch.float64)
-    hessian = _psd(10, 40, 1)
+    truncated, mapped back with H^{-1/2}. The implementation uses a Cholesky factor instead, and
+    the Gram matrix of the smaller side (6 rows: fewer outputs than inputs, as k/v and down_proj)."""
+    gen = torch.Generator().manual_seed(rows)
+    error = torch.randn(rows, 10, generator=gen, dtype=torch.float64)
+    hessian = _psd(10, 40, rows + 1)
     damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(10, dtype=torch.float64)
     values, vectors = torch.linalg.eigh(damped)
     root = vectors @ torch.diag(values.sqrt()) @ vectors.T
     inv_root = vectors @ torch.diag(values.rsqrt()) @ vectors.T
     u, s, vh = torch.linalg.svd(error @ root)
-    for rank in (1, 3, 7):
+    for rank in ranks:
         expected = (u[:, :rank] * s[:rank]) @ vh[:rank] @ inv_root
-        a, b = eora.eora_factors(error, eora.hessian_factor(hessian, 0.01), rank, scaling=2.0)
-        assert a.shape == (rank, 10) and b.shape == (12, rank)
-        torch.testing.assert_close((2.0 * b.double() @ a.double()), expected, rtol=1e-4, atol=1e-5)
+        a, b = eora.eora_factors(error, eora.hessian_factor(hessian, 0.01), rank, scaling=scaling)
+        assert a.shape == (rank, 10) and b.shape == (rows, rank)
+        torch.testing.assert_close((scaling * b.double() @ a.double()), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (7, 10), (10, 10)])
+def test_top_singular_matches_the_full_svd(shape):
+    """The leading singular triplets from the Gram matrix's eigendecomposition are the SVD's (up
+    to each pair's common sign), for tall, wide and square matrices."""
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    for rank in (1, 3, min(shape)):
+        got_u, got_s, got_vh = eora.top_singular(m, rank)
+        torch.testing.assert_close(got_s, s[:rank], rtol=1e-10, atol=1e-12)
+        signs = (got_u * u[:, :rank]).sum(0).sign()
+        torch.testing.assert_close(got_u * signs, u[:, :rank], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(got_vh * signs[:, None], vh[:rank], rtol=1e-8, atol=1e-10)
 
 
 def test_eora_is_optimal_against_other_rank_r_corrections():
@@ -259,7 +275,10 @@ def test_eora_start_reduces_every_modules_weighted_error(shared_path):
         before = eora.weighted_error(error, sums[name])
         after = eora.weighted_error(error - lora[name].delta_weight().double(), sums[name])
         assert after < 0.9 * before, name
-        assert stats[name]["error_after"] < stats[name]["error_before"]
+        # The reported errors are tr(E·H·Eᵀ) on the mean Hessian (all 6 × 48 positions).
+        tokens = windows.numel()
+        assert stats[name]["error_before"] == pytest.approx(before / tokens, rel=1e-6)
+        assert stats[name]["error_after"] == pytest.approx(after / tokens, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +341,30 @@ def test_compute_teacher_matches_the_models_own_distribution():
     assert torch.equal(targets.indices.long(), idx)
     expected_rest = torch.log1p(-top.exp().sum(-1))
     torch.testing.assert_close(targets.rest, expected_rest, rtol=1e-4, atol=1e-5)
+
+
+def test_check_head_reads_a_prefix_and_refuses_scaled_logits():
+    """The head check runs the model on at most CHECK_POSITIONS tokens of the window (a whole
+    window's vocabulary logits would be the teacher's largest allocation), and still refuses a
+    model whose logits are not output embedding(decoder output)."""
+    model = _tiny_llama()
+    window = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(2))
+    lengths = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    teacher.check_head(model, window, "cpu")
+    hook.remove()
+    assert lengths and max(lengths) == teacher.CHECK_POSITIONS
+    original_forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    with pytest.raises(FabricqError, match="does not compute its logits"):
+        teacher.check_head(model, window, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

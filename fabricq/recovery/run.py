@@ -2,16 +2,20 @@
 EoRA start → training → PEFT adapter → (merge=true: the merged model, `recovery.merge`) →
 evaluation through the serving path → report.
 
-The original model is loaded once: it is the teacher (top-k targets of the recovery windows and
-the evaluation reference) and its skeleton then becomes the student, its target modules replaced
+The original model is loaded once: it is the teacher (top-k targets of the recovery windows and,
+for the windows the run's evaluation cache lacks, the evaluation reference) and its skeleton then
+becomes the student, its target modules replaced
 by adapters over the exported codes and its other tensors overwritten with the exported ones.
 Intermediate state (teacher targets, checkpoints) lives in `.<RUN_DIR name>.recovery/` beside the
-output and is removed when the recovery has finished.
+output and is removed when the recovery has finished. The report gives each phase's peak RSS
+(`peak_rss_by_phase_mib`): the phases run one after the other, and what a phase no longer needs
+(the original weights, the checkpoint's tensors, the student before evaluation) is released.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -27,17 +31,40 @@ from fabricq import runtime
 from fabricq.config import load_settings
 from fabricq.data import prepare_text
 from fabricq.errors import FabricqError
-from fabricq.evaluate import evaluate, evaluate_sharded, reference_from_tensors, reference_tensors
-from fabricq.models import check_finite_weights, check_model_files, load_model, load_tokenizer, resolve_model_source
+from fabricq.eval_cache import reference_cache
+from fabricq.evaluate import (
+    evaluate,
+    evaluate_sharded,
+    reference_from_tensors,
+    reference_tensors,
+)
+from fabricq.models import (
+    check_finite_weights,
+    check_model_files,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
 from fabricq.parallel.plan import shard_batches
-from fabricq.recovery import eora, teacher as teacher_mod
+from fabricq.recovery import eora
+from fabricq.recovery import teacher as teacher_mod
 from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter, save_peft_adapter
 from fabricq.recovery.base import load_exported_tensors, read_run
 from fabricq.recovery.lora import attach_lora, check_rank, select_targets
-from fabricq.recovery.merge import MERGED_DIR, merge_adapters, restore_linear, write_merged
+from fabricq.recovery.merge import (
+    MERGED_DIR,
+    merge_adapters,
+    restore_linear,
+    write_merged,
+)
 from fabricq.recovery.settings import RecoveryPlan, recovery_plan
 from fabricq.recovery.train import CheckpointStore, local_window_order, train
-from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
+from fabricq.resume import model_identity
+from fabricq.sysmem import (
+    drop_mapped_pages,
+    release_freed_memory,
+    return_large_blocks_to_os,
+)
 
 log = logging.getLogger("fabricq")
 
@@ -60,12 +87,25 @@ def peak_rss_mib() -> float:
 
 
 def reset_peak_rss() -> None:
-    """Start a new high-water mark (Linux: `5` into clear_refs), so the evaluation's full-vocabulary
-    log-probs are not counted as the recovery's own memory."""
+    """Start a new high-water mark (Linux: `5` into clear_refs), so each phase's peak is its own."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:  # not Linux: the lifetime peak is reported
         pass
+
+
+class PhasePeaks:
+    """Peak RSS per phase of the recovery (MiB): `end(name)` closes the phase running since the
+    previous call, and the next one starts from the memory alive then."""
+
+    def __init__(self):
+        self.peaks: dict[str, float] = {}
+        reset_peak_rss()
+
+    def end(self, name: str) -> None:
+        self.peaks[name] = max(self.peaks.get(name, 0.0), peak_rss_mib())
+        log.debug("Recovery phase %s: peak RSS %.0f MiB", name, self.peaks[name])
+        reset_peak_rss()
 
 
 def recovery_text(tokenizer, cfg: DictConfig, s: RecoveryPlan, windows_needed: int) -> torch.Tensor:
@@ -103,24 +143,36 @@ def _reducer(fabric):
     return reduce
 
 
-def _reference(fabric, model, text, cfg: DictConfig, report: dict) -> tuple[dict, list]:
-    """The original model's perplexity on the evaluation windows and its log-probs on the first
-    eval.kl_windows of them (this rank's share). The run measured the perplexity on the very same
-    windows when its report says they were made the same way; then only the KL windows are run."""
-    stride = cfg.eval.get("stride")
+def _reference(fabric, model, text, ev, report: dict, cache) -> tuple[dict, list]:
+    """The original model's perplexity on the evaluation windows and its top-k reference on the
+    first eval.kl_windows of them (this rank's share). The run measured the perplexity on the very
+    same windows when its report says they were made the same way; then only the KL windows are
+    needed, and `cache` (the run's evaluation cache entry) usually holds them: the original model
+    runs only on the windows it lacks. `ev`: the checked eval settings."""
+    stride, top_k = ev.stride, ev.kl_top_k
     convention = report.get("eval_convention") or {}
     same = text.eval_convention and all(convention.get(k) == v for k, v in text.eval_convention.items())
     if report.get("ppl_before") is None or not same:
-        before = evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=cfg.eval.kl_windows,
-                                  desc="Perplexity before", stride=stride, top_k=cfg.eval.get("kl_top_k"))
+        before = evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=ev.kl_windows,
+                                  desc="Perplexity before", stride=stride, top_k=top_k, cache=cache)
         return before, before.pop("logprobs")
     shard = shard_batches(len(text.evaluation), fabric.world_size)[fabric.global_rank]
-    stop = min(shard.stop, cfg.eval.kl_windows)
-    kept = []
+    stop = min(shard.stop, ev.kl_windows)
+    kept, cached = [], 0
     if stop > shard.start:
-        kept = evaluate(model, text.evaluation[shard.start : stop], fabric.device, keep=stop - shard.start,
-                        stride=stride, first_index=shard.start, top_k=cfg.eval.get("kl_top_k"))["logprobs"]
-    return {"ppl": report["ppl_before"]}, kept
+        result = evaluate(model, text.evaluation[shard.start : stop], fabric.device, keep=stop - shard.start,
+                          stride=stride, first_index=shard.start, top_k=top_k, cache=cache)
+        kept, cached = result["logprobs"], result["cached_windows"]
+    return {"ppl": report["ppl_before"], "cached_windows": cached}, kept
+
+
+def _for_evaluation(served, device):
+    """A model loaded from a compressed checkpoint, on `device`: transformers keeps the packed
+    tensors, memory-mapped from the checkpoint, beside their decompressed copies, and the
+    evaluation reads only the copies, so their pages leave resident memory (clean file pages:
+    re-read if anything touches them)."""
+    drop_mapped_pages(itertools.chain(served.parameters(), served.buffers()), keep_written=True)
+    return served.to(device)
 
 
 def _gap(before, after, recovered):
@@ -139,6 +191,17 @@ def build_student(model, run, targets: list[str], s: RecoveryPlan) -> dict:
         module.weight = torch.nn.Parameter(run.quantized[name].dequantize().to(module.weight.dtype), requires_grad=False)
     return attach_lora(model, run.quantized, targets, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
                        mode=s.base_mode, seed=s.train.seed)
+
+
+def _check_belongs(modules: dict, run, model_name: str) -> None:
+    """Every quantized module of the run exists in the model with its shape. (A function of its
+    own: a loop variable left in `recover` would keep one of the checkpoint's tensors, and with it
+    the whole memory-mapped checkpoint, resident until the end.)"""
+    for name, qw in run.quantized.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(qw.shape):
+            raise FabricqError(f"RUN_DIR {run.folder} does not belong to {model_name}: it quantizes {name} "
+                               f"{tuple(qw.shape)}, which the model lacks or shapes differently")
 
 
 def recover(run_dir: Path, cfg: DictConfig) -> dict:
@@ -163,19 +226,17 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
 
     fabric, _ = runtime.launch(settings, run_dir)
     rank, device = fabric.global_rank, fabric.device
+    peaks = PhasePeaks()
     torch.manual_seed(s.train.seed)
     timings: dict[str, float] = {"setup_s": time.perf_counter() - start}  # checks, imports, Fabric launch
     tick = time.perf_counter()
     tokenizer = load_tokenizer(source)
     text = prepare_text(tokenizer, cfg.data, cfg.eval)
     windows = recovery_text(tokenizer, cfg, s, s.train.steps * glob) if s.train.steps else None
+    release_freed_memory()  # the tokenizer's buffers of whole-corpus encodings
     model = load_model(source, cfg.model.dtype)
     modules = dict(model.named_modules())
-    for name, qw in run.quantized.items():
-        weight = getattr(modules.get(name), "weight", None)
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(qw.shape):
-            raise FabricqError(f"RUN_DIR {run_dir} does not belong to {source.name}: it quantizes {name} "
-                               f"{tuple(qw.shape)}, which the model lacks or shapes differently")
+    _check_belongs(modules, run, source.name)
     position = {n: i for i, n in enumerate(modules)}
     targets.sort(key=position.__getitem__)
     linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
@@ -185,6 +246,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         work.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
     timings["prepare_s"] = time.perf_counter() - tick
+    peaks.end("prepare")
 
     # The teacher: top-k targets of this rank's windows, and the evaluation reference.
     tick = time.perf_counter()
@@ -200,24 +262,28 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                                                      device=device, desc="Teacher" if rank == 0 else None)
             teacher_mod.save_teacher(targets_kl, path)
     timings["teacher_s"] = time.perf_counter() - tick
-    peaks = [peak_rss_mib()]
+    peaks.end("teacher")
     reference_file, before, eval_s = work / f"reference.rank{rank}.safetensors", None, 0.0
     if cfg.eval.enabled:
         tick = time.perf_counter()
+        cache = reference_cache(settings.eval, model_identity(source), text.evaluation, model.dtype, device)
         model.to(device)
-        before, reference = _reference(fabric, model, text, cfg, run.report)
+        before, reference = _reference(fabric, model, text, settings.eval, run.report, cache)
         # Full-vocabulary log-probs (hundreds of MiB): on disk until the evaluation at the end.
         save_file(reference_tensors(reference), reference_file)
         del reference
         eval_s = time.perf_counter() - tick
     model.to("cpu")
-    reset_peak_rss()
+    peaks.end("reference")
 
     # The student: the exported base with adapters over the target modules.
     tick = time.perf_counter()
     original = {n: modules[n].weight.detach() for n in targets}
     drop_mapped_pages(p for p in model.parameters())
     lora = build_student(model, run, targets, s)
+    run.tensors = {}  # copied into the model
+    if not s.merge:  # the adapters hold the bases now; only a merge reads the codes again
+        run.quantized = {}
     eora_stats = {}
     if s.init == "eora":
         # The first eora_samples of the run's calibration windows (all of them when it had fewer).
@@ -229,6 +295,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
     del original, modules
     gc.collect()
     timings["eora_s"] = time.perf_counter() - tick
+    peaks.end("student")
 
     result = None
     if s.train.steps:
@@ -237,6 +304,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                        store=CheckpointStore(work / "checkpoints"))
         model.eval()
         timings["train_s"] = result.wall_s
+    peaks.end("train")
     adapter_dir = run_dir / ADAPTER_DIR
     if rank == 0:
         staging = run_dir / f".{ADAPTER_DIR}.partial-{os.getpid()}"
@@ -262,11 +330,13 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         fabric.barrier()
         del merged
         timings["merge_s"] = time.perf_counter() - tick
+    peaks.end("merge" if s.merge else "adapter")
     wall = time.perf_counter() - start - eval_s  # evaluation is reported apart
-    peak_before_eval = max(peaks + [peak_rss_mib()])  # teacher / EoRA / training, not evaluation
+    peak_before_eval = max(peaks.peaks.values())  # teacher / EoRA / training, not evaluation
     compute_dtype = model.dtype  # the exported tensors are evaluated in it, as the run evaluated them
     del model, lora, targets_kl, local
     gc.collect()
+    release_freed_memory()  # the student's small tensors, before the served model is loaded
 
     section = {
         "method": s.method, "rank": s.rank, "alpha": s.alpha, "init": s.init, "modules": len(targets),
@@ -285,8 +355,8 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
     if cfg.eval.enabled:
         tick = time.perf_counter()
         reference = reference_from_tensors(load_file(reference_file))
-        served = load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype).to(device)
-        stride = cfg.eval.get("stride")
+        served = _for_evaluation(load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype), device)
+        stride = settings.eval.stride
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                      desc="Perplexity after recovery", stride=stride)
         with served.disable_adapter():
@@ -296,7 +366,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         if s.merge:
             from fabricq.recovery.adapter import load_served
 
-            served = load_served(merged_dir, dtype=compute_dtype).to(device)
+            served = _for_evaluation(load_served(merged_dir, dtype=compute_dtype), device)
             after_merge = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                            desc="Perplexity after merge", stride=stride)
             del served
@@ -305,10 +375,14 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                            kl_merge_gap_closed=_gap(0.0, base["kl"], after_merge["kl"]))
         section.update(ppl_before=before["ppl"], ppl_after=base["ppl"], kl_after=base["kl"],
                        ppl_after_recovery=recovered["ppl"], kl_after_recovery=recovered["kl"],
+                       kl_after_recovery_lower_bound=recovered["kl_lower_bound"],
+                       reference_windows_cached=before.get("cached_windows", 0),
                        ppl_gap_closed=_gap(before["ppl"], base["ppl"], recovered["ppl"]),
                        kl_gap_closed=_gap(0.0, base["kl"], recovered["kl"]), eval_tokens=recovered["tokens"])
         timings["eval_s"] = eval_s + time.perf_counter() - tick
-        section["peak_rss_eval_mib"] = peak_rss_mib()  # the evaluation after recovery
+        peaks.end("evaluation")
+        section["peak_rss_eval_mib"] = peaks.peaks["evaluation"]  # the evaluation after recovery
+    section["peak_rss_by_phase_mib"] = peaks.peaks
     if rank == 0:
         report_path = run_dir / "report.json"
         report = json.loads(report_path.read_text())
