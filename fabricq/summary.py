@@ -291,7 +291,6 @@ def is_rank_zero() -> bool:
 _sweep: dict = {}  # the sweep in progress in this process: its directory and the jobs it started
 
 
-
 class SweepSummary(Callback):
     """Hydra callback: the summary at the end of a `-m` sweep."""
 

@@ -206,9 +206,8 @@ def check_finite(files: list[Path], headers: Header) -> None:
                     continue
                 if dtype not in buffers:
                     buffers[dtype] = _scan_buffer(dtype)
-                buffer = buffers[dtype]
-                bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in _chunks(f, span, dtype, buffer)
-                          if not torch.isfinite(chunk).all())
+                bad = sum(chunk.numel() - int(torch.isfinite(chunk).sum())
+                          for chunk in _chunks(f, span, dtype, buffers[dtype]))
                 if bad:
                     raise FabricqError(
                         f"weights of {name.removesuffix('.weight')} contain {bad} NaN/Inf values ({name} in "
