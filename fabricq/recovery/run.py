@@ -166,6 +166,19 @@ def _reference(fabric, model, text, ev, report: dict, cache) -> tuple[dict, list
     return {"ppl": report["ppl_before"], "cached_windows": cached}, kept
 
 
+def _run_base_result(report: dict, cache) -> dict | None:
+    """The run's own ppl_after/kl_after when it evaluated these very windows against the same
+    reference (the same evaluation-cache entry: model, windows, stride, KL settings, dtype) — it
+    measured them on exactly the weights the checkpoint holds, so the base need not be evaluated
+    again. None otherwise (another evaluation setting, or no cache to prove the windows equal)."""
+    run_eval = report.get("eval") or {}
+    if cache is None or report.get("ppl_after") is None or report.get("kl_after") is None or not run_eval.get("cache_dir"):
+        return None
+    if Path(run_eval["cache_dir"]).name != cache.path.name:  # the entry's name is its key's digest
+        return None
+    return {"ppl": report["ppl_after"], "kl": report["kl_after"]}
+
+
 def _for_evaluation(served, device):
     """A model loaded from a compressed checkpoint, on `device`: transformers keeps the packed
     tensors, memory-mapped from the checkpoint, beside their decompressed copies, and the
@@ -263,10 +276,11 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
             teacher_mod.save_teacher(targets_kl, path)
     timings["teacher_s"] = time.perf_counter() - tick
     peaks.end("teacher")
-    reference_file, before, eval_s = work / f"reference.rank{rank}.safetensors", None, 0.0
+    reference_file, before, base, eval_s = work / f"reference.rank{rank}.safetensors", None, None, 0.0
     if cfg.eval.enabled:
         tick = time.perf_counter()
         cache = reference_cache(settings.eval, model_identity(source), text.evaluation, model.dtype, device)
+        base = _run_base_result(run.report, cache)
         model.to(device)
         before, reference = _reference(fabric, model, text, settings.eval, run.report, cache)
         # Full-vocabulary log-probs (hundreds of MiB): on disk until the evaluation at the end.
@@ -359,9 +373,10 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         stride = settings.eval.stride
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                      desc="Perplexity after recovery", stride=stride)
-        with served.disable_adapter():
-            base = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
-                                    desc="Perplexity after", stride=stride)
+        if base is None:  # the run did not measure the base on these windows and this reference
+            with served.disable_adapter():
+                base = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
+                                        desc="Perplexity after", stride=stride)
         del served
         if s.merge:
             from fabricq.recovery.adapter import load_served
