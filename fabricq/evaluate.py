@@ -34,6 +34,7 @@ from fabricq.recovery.teacher import (
     top_and_rest,
     topk_kl_from_logprobs,
 )
+from fabricq.sysmem import reusing_freed_blocks
 
 # Part of every evaluation cache key: raise it when a change alters what a window's result holds.
 EVALUATOR_VERSION = 1
@@ -152,33 +153,34 @@ def evaluate(
     holds are read from it, the others computed and stored. With `desc`, a progress bar."""
     nll, tokens, kept, kl_sum, kl_lower, kl_tokens = 0.0, 0, [], 0.0, 0.0, 0
     hits, saved, plain = 0, 0.0, None
-    bar = tqdm(windows, desc=desc, unit="window", disable=desc is None, mininterval=5)
-    for i, window in enumerate(bar):
-        index, scored = first_index + i, scored_positions(first_index + i, len(window), stride)
-        tick = time.perf_counter()
-        compare = reference is not None and i < len(reference)  # a KL needs this model's forward
-        result = cache.load(index) if cache is not None and not compare else None
-        if result is not None and (result.tokens != scored or (i < keep and result.reference is None)):
-            result = None  # not what this evaluation needs: computed again
-        window_kl = (0.0, 0.0)
-        if result is not None:
-            hits += 1
-            saved += result.seconds - (time.perf_counter() - tick)
-        else:
-            if plain is None:  # once per call, on a short prefix: cheap next to a window
-                plain = head_is_plain(model, window[None, : min(len(window), 16)].to(device))
-            result, window_kl = evaluate_window(model, window, device, scored, keep=i < keep, top_k=top_k,
-                                                reference=reference[i] if compare else None, plain=plain,
-                                                seed=index)
-            if cache is not None:
-                cache.store(index, result)
-        nll += result.nll
-        tokens += result.tokens
-        if i < keep:
-            kept.append(result.reference)
-        if compare:
-            kl_sum, kl_lower = kl_sum + window_kl[0], kl_lower + window_kl[1]
-            kl_tokens += scored
+    with reusing_freed_blocks():  # every window's temporaries have the same sizes: reuse them
+        bar = tqdm(windows, desc=desc, unit="window", disable=desc is None, mininterval=5)
+        for i, window in enumerate(bar):
+            index, scored = first_index + i, scored_positions(first_index + i, len(window), stride)
+            tick = time.perf_counter()
+            compare = reference is not None and i < len(reference)  # a KL needs this model's forward
+            result = cache.load(index) if cache is not None and not compare else None
+            if result is not None and (result.tokens != scored or (i < keep and result.reference is None)):
+                result = None  # not what this evaluation needs: computed again
+            window_kl = (0.0, 0.0)
+            if result is not None:
+                hits += 1
+                saved += result.seconds - (time.perf_counter() - tick)
+            else:
+                if plain is None:  # once per call, on a short prefix: cheap next to a window
+                    plain = head_is_plain(model, window[None, : min(len(window), 16)].to(device))
+                result, window_kl = evaluate_window(model, window, device, scored, keep=i < keep, top_k=top_k,
+                                                    reference=reference[i] if compare else None, plain=plain,
+                                                    seed=index)
+                if cache is not None:
+                    cache.store(index, result)
+            nll += result.nll
+            tokens += result.tokens
+            if i < keep:
+                kept.append(result.reference)
+            if compare:
+                kl_sum, kl_lower = kl_sum + window_kl[0], kl_lower + window_kl[1]
+                kl_tokens += scored
     out = {"ppl": math.exp(nll / tokens), "nll": nll, "tokens": tokens, "logprobs": kept,
            "windows": len(windows), "cached_windows": hits, "saved_s": max(0.0, saved)}
     if reference is not None:

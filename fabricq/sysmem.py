@@ -19,6 +19,7 @@ follows the memory that is alive. The price is a page fault per fresh page of ea
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -67,6 +68,7 @@ M_ARENA_MAX = -8
 # (`huge_pages_for_large_tensors`): a smaller mapped block would fault in 4 KiB pages each time it
 # is allocated again (benchmarks/README.md, "Heap threshold").
 DEFAULT_THRESHOLD = 2 << 20
+_returning_threshold: int | None = None  # what return_large_blocks_to_os set, if it did
 
 
 def _glibc():
@@ -85,11 +87,66 @@ def return_large_blocks_to_os(threshold: int = DEFAULT_THRESHOLD) -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    applied = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)) == 1
-    applied = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(threshold)) == 1 and applied
+    global _returning_threshold
+    applied = _set_thresholds(libc, threshold, threshold)
     if not applied:
         log.debug("mallopt refused the heap thresholds; the C library's defaults stay in effect")
+    _returning_threshold = threshold if applied else None
     return applied
+
+
+def _set_thresholds(libc, mmap_threshold: int, trim_threshold: int) -> bool:
+    applied = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) == 1
+    return libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) == 1 and applied
+
+
+# glibc's largest mmap threshold (32 MiB on 64-bit): blocks below it can be served from the heap.
+REUSE_MMAP_THRESHOLD = 32 << 20
+REUSE_TRIM_THRESHOLD = 1 << 30
+
+
+@contextlib.contextmanager
+def reusing_freed_blocks():
+    """Inside: freed blocks of up to 32 MiB stay in the heap and serve the next allocation of
+    their size, as glibc's own policy does; on leaving, `return_large_blocks_to_os`'s policy is
+    back and the heap is trimmed. For loops whose memory alive is the same from one iteration to
+    the next (an evaluation: the model and one window's activations): mapping each temporary
+    afresh there buys no peak memory and costs a page fault per page of every activation,
+    while the heap can hold at most one iteration's temporaries (benchmarks/README.md,
+    "Heap policy"). A no-op unless `return_large_blocks_to_os` is in effect."""
+    libc = _glibc() if _returning_threshold is not None else None
+    if libc is None or not _set_thresholds(libc, REUSE_MMAP_THRESHOLD, REUSE_TRIM_THRESHOLD):
+        yield
+        return
+    try:
+        yield
+    finally:
+        _set_thresholds(libc, _returning_threshold, _returning_threshold)
+        release_freed_memory()
+
+
+# Activation-sized blocks of a training step (a 512-token window's hidden states, its key/value
+# projections) lie between this and `DEFAULT_THRESHOLD`.
+STEP_MMAP_THRESHOLD = 128 << 10
+
+
+@contextlib.contextmanager
+def mapping_small_blocks(threshold: int = STEP_MMAP_THRESHOLD):
+    """Inside: blocks from `threshold` bytes up get their own mapping too (then
+    `return_large_blocks_to_os`'s policy is back and the heap is trimmed). For a loop that frees
+    and allocates many sub-2-MiB temporaries while a fragmented heap has free room: glibc serves
+    them from holes all over that room, each fault making another trimmed page resident, so
+    resident memory climbs far above what is alive (benchmarks/README.md, "Recovery training
+    memory"). A no-op unless `return_large_blocks_to_os` is in effect."""
+    libc = _glibc() if _returning_threshold is not None else None
+    if libc is None or not _set_thresholds(libc, threshold, _returning_threshold):
+        yield
+        return
+    try:
+        yield
+    finally:
+        _set_thresholds(libc, _returning_threshold, _returning_threshold)
+        release_freed_memory()
 
 
 TORCH_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"

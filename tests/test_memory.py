@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -248,3 +249,32 @@ def test_capture_leaves_the_embeddings_out_of_resident_memory_and_keeps_changed_
     assert len(stage) == 2
     assert _resident_pages(embedding) <= 2  # only the written page (and a shared edge) stay
     assert torch.equal(embedding, saved)
+
+
+# Minor page faults taken to allocate, write and free an 8 MiB tensor 20 times: before, inside and
+# after `reusing_freed_blocks` (THP left at the environment's setting, 4 KiB pages here).
+REUSE = textwrap.dedent("""
+    import resource, torch
+    from fabricq.sysmem import return_large_blocks_to_os, reusing_freed_blocks
+    assert return_large_blocks_to_os()
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for i in range(20):
+            torch.ones(2 << 20, dtype=torch.float32).add_(i)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    first = faults()
+    with reusing_freed_blocks():
+        inside = faults()
+    print(first, inside, faults())
+""")
+
+
+@pytest.mark.skipif(_glibc() is None, reason="the heap policy only exists for glibc")
+def test_reusing_freed_blocks_serves_repeated_temporaries_from_the_heap_then_restores_the_policy():
+    out = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0"})
+    first, inside, after = (int(v) for v in out.stdout.split())
+    pages = 20 * (8 << 20) // 4096  # every page of every fresh mapping
+    assert first > 0.8 * pages  # the policy maps each 8 MiB block afresh: it faults in again
+    assert inside < 0.2 * pages  # reused from the heap: faulted in once
+    assert after > 0.8 * pages  # the policy is back on leaving
