@@ -72,6 +72,9 @@ def recover(args, source: Path, name: str, ranks: int) -> dict:
     label = f"{source.name}-{name}-{ranks}r"
     target = source.parent / label
     shutil.rmtree(target, ignore_errors=True)
+    # A killed earlier recovery of this copy leaves its work folder (teacher targets, checkpoints)
+    # behind, and a new one would reuse it: its teacher and training would not be timed.
+    shutil.rmtree(source.parent / f".{label}.recovery", ignore_errors=True)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("adapter"))
     cmd = [sys.executable, "-m", "fabricq.recover", str(target), f"+recovery={name}", *args.extra]
     if ranks > 1:
@@ -250,13 +253,17 @@ def main(argv=None) -> int:
                                                                (r.get("peak_rss_by_phase_mib") or {}).items()}))
     speedups = {}
     for r in rows:
+        print(f"phases (s), {r['label']}:", json.dumps({k: round(v, 1) for k, v in (r.get("timings") or {}).items()}))
         if r.get("world_size") == 2:
             one = next((o for o in rows if o.get("world_size") == 1 and o["label"].replace("-1r", "") ==
                         r["label"].replace("-2r", "")), None)
             if one and one.get("train_s") and r.get("train_s"):
                 speedups[r["label"]] = {"train": one["train_s"] / r["train_s"], "wall": one["wall_s"] / r["wall_s"]}
+                both = set(one.get("timings") or {}) & set(r.get("timings") or {})
+                speedups[r["label"]].update({k.removesuffix("_s"): one["timings"][k] / r["timings"][k] for k in sorted(both)
+                                             if k != "train_s" and r["timings"][k] > 0})
     if speedups:
-        print("2 ranks vs 1:", json.dumps(speedups))
+        print("2 ranks vs 1:", json.dumps({k: {p: round(x, 2) for p, x in v.items()} for k, v in speedups.items()}))
     out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                                "results": results, "speedups": speedups}, indent=2))
     print(f"wrote {out}")

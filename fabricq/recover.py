@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
             raise FabricqError(f"expected one RUN_DIR, got {len(positional)} ({USAGE})")
         run_dir = Path(positional[0]).expanduser()
         cfg = compose_config(run_dir, overrides)
+        from fabricq.sysmem import import_without
+
+        # As `python -m fabricq`: what Fabric's version checks and transformers import and fabricq
+        # never calls stays out (memory, and start-up time each further rank adds in series).
+        import_without("lightning_fabric", ("torchmetrics",))
+        import_without("transformers.modeling_utils", ("scipy",))
         from fabricq.recovery.run import recover
 
         recover(run_dir, cfg)

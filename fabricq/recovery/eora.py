@@ -13,7 +13,10 @@ split evenly, B = U_r·√Σ_r, A = √Σ_r·V_rᵀ·L⁻¹, each over √s so t
 
 `initialize` computes H for every target module from calibration windows with the quantized
 model, one decoder layer at a time (only that layer's Hessians exist at once), and sets each
-adapter to its EoRA start.
+adapter to its EoRA start. On several ranks each layer's modules are split among the ranks by
+factorisation cost: a group's Hessian is summed on its owners only, each owner factorises its
+modules, and at the end every owner broadcasts its starts, so every rank holds all of them. No
+forward waits for a start: the next layer's Hessians are of the quantized base's activations.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fabricq.calibration.gated import layer_output
 from fabricq.calibration.loop import capture_first_layer_inputs
 from fabricq.callbacks.hessians import SharedInputHessians
 from fabricq.models import decoder_layers, layer_prefix
+from fabricq.parallel.plan import assign_to_ranks
 
 log = logging.getLogger("fabricq")
 
@@ -91,16 +95,38 @@ def damped_weighted_error(weighted: torch.Tensor, error: torch.Tensor, damping: 
     return float(weighted.square().sum() - damping * error.double().square().sum())
 
 
+def factorisation_cost(rows: int, cols: int, group_size: int = 1) -> float:
+    """Relative cost of one module's start, in float64 flops: E·L and the residual's (L)·, the
+    Gram matrix of the smaller side, its eigendecomposition (about 15·n³, against 2·n³ for a
+    matrix product of that size), a share of its group's Cholesky factorisation, plus the
+    element-wise passes over the weight and a fixed per-module overhead (both weighted as fitted
+    to single-thread timings of the default model's shapes: small modules cost more than their
+    flops say)."""
+    small, large = min(rows, cols), max(rows, cols)
+    flops = 4.0 * rows * cols**2 + 2.0 * small**2 * large + 15.0 * small**3 + float(cols) ** 3 / group_size
+    return flops + 2.7e3 * rows * cols + 2e8
+
+
+def plan_owners(groups: list[list[str]], shapes: dict[str, tuple[int, int]], world_size: int) -> dict[str, int]:
+    """Owner rank of every module of one layer's shared-input `groups` (shapes: name → (rows,
+    cols)), minimising the largest rank's factorisation cost. Every rank computes the same plan."""
+    costs = [factorisation_cost(*shapes[n], len(group)) for group in groups for n in group]
+    return dict(zip([n for group in groups for n in group], assign_to_ranks(costs, world_size)))
+
+
 @torch.no_grad()
 def layerwise_hessians(model: nn.Module, modules: dict, windows: torch.Tensor, *, batch_size: int, device,
-                       on_layer, reduce=None) -> None:
+                       on_layer, reduce=None, owners=None) -> None:
     """Forward calibration `windows` through `model` one decoder layer at a time and hand each
     layer's input Hessians to `on_layer(index, names, groups)`: names, the layer's entries of
     `modules`; groups, (module names sharing one input, H = mean x·xᵀ float64) per shared input
     (q/k/v, gate/up). Only one layer's Hessians exist at once. When `on_layer` returns True it
     has changed the layer's weights, and the layer is forwarded again so the next layer sees the
     changed layer's outputs (true-sequential, as GPTQ). reduce: called on each Hessian sum and
-    token count before use (several ranks add their shares; None on one rank)."""
+    token count before use (several ranks add their shares; None on one rank). owners: called
+    with each layer's groups, returns each module's owner rank; a group's sum then goes to its
+    one owner (`reduce(total, tokens, dst=owner)`, None on the other ranks) or, when its modules
+    have several owners, to all ranks; `on_layer` gets None for a group whose sum is elsewhere."""
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     hidden: list[torch.Tensor] = []
@@ -117,10 +143,18 @@ def layerwise_hessians(model: nn.Module, modules: dict, windows: torch.Tensor, *
         if observer is not None:
             observer.remove()
             groups = []
+            plan = owners([list(g) for g in observer.groups()]) if owners is not None else {}
             for group in observer.groups():
                 accumulator = observer.accumulators[group[0]]
                 total, tokens = accumulator.sum.double(), accumulator.tokens
-                if reduce is not None:
+                holders = {plan[n] for n in group} if plan else set()
+                if reduce is not None and len(holders) == 1:
+                    reduced = reduce(total, tokens, dst=holders.pop())
+                    if reduced is None:  # summed on the owner only
+                        groups.append((list(group), None))
+                        continue
+                    total, tokens = reduced
+                elif reduce is not None:
                     total, tokens = reduce(total, tokens)
                 groups.append((list(group), total / max(tokens, 1)))
             del observer
@@ -131,22 +165,36 @@ def layerwise_hessians(model: nn.Module, modules: dict, windows: torch.Tensor, *
 
 @torch.no_grad()
 def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor], windows: torch.Tensor, *,
-               batch_size: int, device, damp: float = 0.01, reduce=None, release=None) -> dict:
+               batch_size: int, device, damp: float = 0.01, reduce=None, release=None, rank: int = 0,
+               world_size: int = 1) -> dict:
     """Set every adapter in `modules` (name → LoRALinear) to its EoRA start.
 
     original: name → the unquantized weight (W; E = W − dequant(W_q)). windows: calibration token
-    windows (num, seq_len). reduce: as in `layerwise_hessians`; each layer's entries are removed
-    from `original` once used, and passed to `release` (e.g. to drop their memory-mapped pages).
-    Returns per-module {error_before, error_after}: tr(E·H·Eᵀ) without and with the start, on the
-    damped-free H of these windows."""
+    windows (num, seq_len), this rank's share. reduce: as in `layerwise_hessians`, given when
+    world_size > 1 (it must accept dst=); each layer's modules are then split among the ranks
+    (`plan_owners`) and every rank ends with every start (`share_starts`). Each layer's entries
+    are removed from `original` once used, and passed to `release` (e.g. to drop their
+    memory-mapped pages). Returns per-module {error_before, error_after}: tr(E·H·Eᵀ) without and
+    with the start, on the damped-free H of these windows."""
+    if world_size > 1 and reduce is None:
+        raise ValueError("several ranks need `reduce` to sum their Hessians")
     stats: dict[str, dict] = {}
+    owner: dict[str, int] = {}
+    shapes = {n: (m.out_features, m.in_features) for n, m in modules.items()}
     tick = time.perf_counter()
     layers = len(decoder_layers(model))
 
+    def plan(groups: list[list[str]]) -> dict[str, int]:
+        owner.update(plan_owners(groups, shapes, world_size))
+        return owner
+
     def start_layer(index: int, names: list[str], groups) -> bool:
         for group, hessian in groups:
+            mine = [n for n in group if owner.get(n, rank) == rank]
+            if hessian is None or not mine:
+                continue
             factor, damping = hessian_factor(hessian, damp), damping_of(hessian, damp)
-            for name in group:
+            for name in mine:
                 module = modules[name]
                 error = original[name].double() - module.base_weight(torch.float64)
                 weighted = error @ factor
@@ -162,5 +210,33 @@ def initialize(model: nn.Module, modules: dict, original: dict[str, torch.Tensor
         return False  # the next layer's Hessians stay those of the quantized base's activations
 
     layerwise_hessians(model, modules, windows, batch_size=batch_size, device=device, on_layer=start_layer,
-                       reduce=reduce)
-    return stats
+                       reduce=reduce, owners=plan if world_size > 1 else None)
+    if world_size > 1:
+        share_starts(modules, owner, stats, rank, world_size)
+    return {n: stats[n] for n in modules if n in stats}
+
+
+def share_starts(modules: dict, owner: dict[str, int], stats: dict, rank: int, world_size: int) -> None:
+    """Every owner broadcasts its modules' A, B and errors (one flat buffer each, in `modules`
+    order, which every rank shares); the other ranks set them, so all ranks hold every start."""
+    import torch.distributed as dist
+
+    for src in range(world_size):
+        names = [n for n in modules if owner.get(n) == src]
+        if not names:
+            continue
+        params = [p for n in names for p in (modules[n].lora_A, modules[n].lora_B)]
+        flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+        errors = torch.zeros(len(names), 2, dtype=torch.float64, device=flat.device)
+        if src == rank:
+            errors.copy_(torch.tensor([[stats[n]["error_before"], stats[n]["error_after"]] for n in names],
+                                      dtype=torch.float64))
+        dist.broadcast(flat, src)
+        dist.broadcast(errors, src)
+        if src == rank:
+            continue
+        pieces = flat.split([p.numel() for p in params])
+        for i, name in enumerate(names):
+            module = modules[name]
+            module.set_adapter(pieces[2 * i].view_as(module.lora_A), pieces[2 * i + 1].view_as(module.lora_B))
+            stats[name] = {"error_before": float(errors[i, 0]), "error_after": float(errors[i, 1])}
