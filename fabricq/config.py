@@ -254,7 +254,7 @@ class RecoverySettings:
     data: RecoveryDataSettings = section(RecoveryDataSettings)
     checkpoint_every: int = setting(4, POSITIVE)
     log_every: int = setting(4, POSITIVE)
-    logit_chunk: int = setting(128, POSITIVE)
+    logit_chunk: int = setting(64, POSITIVE)
     activation_checkpointing: bool = setting(True, boolean)
     merge: bool = setting(False, boolean)
     seed: int = setting(0, SEED)

@@ -132,12 +132,13 @@ STEP_MMAP_THRESHOLD = 128 << 10
 
 @contextlib.contextmanager
 def mapping_small_blocks(threshold: int = STEP_MMAP_THRESHOLD):
-    """Inside: blocks from `threshold` bytes up get their own mapping too (then
-    `return_large_blocks_to_os`'s policy is back and the heap is trimmed). For a loop that frees
-    and allocates many sub-2-MiB temporaries while a fragmented heap has free room: glibc serves
-    them from holes all over that room, each fault making another trimmed page resident, so
-    resident memory climbs far above what is alive (benchmarks/README.md, "Recovery training
-    memory"). A no-op unless `return_large_blocks_to_os` is in effect."""
+    """Inside: blocks from `threshold` bytes up that the heap's free chunks cannot hold get their
+    own mapping instead of growing the heap (on leaving, `return_large_blocks_to_os`'s policy is
+    back and the heap is trimmed). For a loop of many sub-2-MiB temporaries (a training step's
+    activations): under the 2 MiB threshold they grow the heap, whose freed middle stays resident
+    until trimmed and is faulted in again wherever later blocks land, so resident memory climbs far
+    above what is alive (benchmarks/README.md, "Recovery: training memory").
+    A no-op unless `return_large_blocks_to_os` is in effect."""
     libc = _glibc() if _returning_threshold is not None else None
     if libc is None or not _set_thresholds(libc, threshold, _returning_threshold):
         yield

@@ -179,6 +179,21 @@ def test_peft_loads_adapter_onto_export_with_fabricqs_logits(quantized_run, tmp_
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert float((base - ours).abs().max()) > 1e-2  # the adapter changes the model measurably
     assert OmegaConf.select(cfg, "recovery.method") == "qlora"
+    # Made ready for the evaluation, the served model no longer maps the checkpoint (tiny views
+    # into it kept the whole file's mapping, and the pages the loading read, resident), and
+    # computes the same logits.
+    import gc
+
+    from fabricq.recovery.run import _for_evaluation
+
+    del run, lora, model, original  # the student's packed codes map the checkpoint too
+    gc.collect()
+    checkpoint = str((run_dir / "model.safetensors").resolve())
+    assert checkpoint in Path("/proc/self/maps").read_text()
+    served = _for_evaluation(served, "cpu")
+    assert checkpoint not in Path("/proc/self/maps").read_text()
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, theirs, rtol=0, atol=0)
 
 
 @pytest.mark.xfail(raises=AttributeError, strict=True,

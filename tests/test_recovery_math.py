@@ -424,3 +424,43 @@ def test_requantize_without_correlations_is_rounding_and_keeps_grid_points():
     # Weights already on the grid (an adapter of zeros) keep their codes under any Hessian.
     _, hessian, _ = _merge_case(True)
     assert torch.equal(requantize_on_grid(grid.dequantize(), grid, hessian).codes, grid.codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training memory: the step's activation-sized temporaries get their own mappings
+# ---------------------------------------------------------------------------------------------
+
+# Bytes glibc has mapped for 64 blocks of 512 KiB alive (mallinfo2's hblkhd), before, inside and after
+# `mapping_small_blocks`, in a fresh process under the run's heap policy.
+SMALL_BLOCKS = """
+import ctypes, torch
+from fabricq.sysmem import mapping_small_blocks, return_large_blocks_to_os
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+assert return_large_blocks_to_os()
+def mapped_for_blocks():
+    info = libc.mallinfo2()
+    blocks = [torch.empty(128 << 10, dtype=torch.float32) for _ in range(64)]  # 512 KiB each
+    return libc.mallinfo2().hblkhd - info.hblkhd, info.fordblks  # and the heap's free room before
+before, _ = mapped_for_blocks()
+with mapping_small_blocks():
+    inside, room = mapped_for_blocks()
+print(before, inside, room, mapped_for_blocks()[0])
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="glibc ≥ 2.33 only")
+def test_training_steps_map_activation_sized_blocks_on_their_own_then_restore_the_policy():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SMALL_BLOCKS], capture_output=True, text=True, check=True)
+    before, inside, room, after = (int(v) for v in out.stdout.split())
+    assert before == 0  # below the 2 MiB threshold: heap blocks
+    # Each its own mapping (unmapped when freed), but for those the heap's free room can hold
+    # (glibc serves a block from free chunks before it maps one).
+    assert inside >= (64 - room // (512 << 10)) * (512 << 10) > 0
+    assert after == 0  # the run's policy is back

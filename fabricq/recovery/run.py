@@ -18,6 +18,7 @@ import gc
 import itertools
 import json
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -133,11 +134,14 @@ def _reducer(fabric):
     if fabric.world_size == 1:
         return None
 
-    def reduce(total: torch.Tensor, tokens: int):
+    def reduce(total: torch.Tensor, tokens: int, dst: int | None = None):
+        # With dst, summed on that rank only: None elsewhere (gloo leaves partial sums there).
         total = total.to(fabric.device)
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=fabric.device)
-        torch.distributed.all_reduce(total)
-        torch.distributed.all_reduce(count)
+        for t in (total, count):
+            torch.distributed.all_reduce(t) if dst is None else torch.distributed.reduce(t, dst)
+        if dst is not None and fabric.global_rank != dst:
+            return None
         return total.cpu(), int(count.item())
 
     return reduce
@@ -183,8 +187,17 @@ def _for_evaluation(served, device):
     """A model loaded from a compressed checkpoint, on `device`: transformers keeps the packed
     tensors, memory-mapped from the checkpoint, beside their decompressed copies, and the
     evaluation reads only the copies, so their pages leave resident memory (clean file pages:
-    re-read if anything touches them)."""
-    drop_mapped_pages(itertools.chain(served.parameters(), served.buffers()), keep_written=True)
+    re-read if anything touches them). Tensors smaller than a page (compressed-tensors'
+    `weight_shape`, two integers per module) cannot give up a page, yet as views into the mapping
+    they keep all of it, and every page the loading read (the whole checkpoint), resident: they
+    are copied out, and the mapping goes with its last view."""
+    tensors = list(itertools.chain(served.parameters(), served.buffers()))
+    drop_mapped_pages(tensors, keep_written=True)
+    with torch.no_grad():
+        for tensor in tensors:
+            if tensor.numel() * tensor.element_size() < mmap.PAGESIZE:
+                tensor.data = tensor.data.clone()
+    del tensors
     return served.to(device)
 
 
@@ -305,7 +318,7 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         model.to(device)
         eora_stats = eora.initialize(model, lora, original, calib, batch_size=cfg.data.batch_size, device=device,
                                      damp=s.damp, reduce=_reducer(fabric),
-                                     release=drop_mapped_pages)
+                                     release=drop_mapped_pages, rank=rank, world_size=world)
     del original, modules
     gc.collect()
     timings["eora_s"] = time.perf_counter() - tick

@@ -27,7 +27,7 @@ class TrainSettings:
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 4
     log_every: int = 4
-    logit_chunk: int = 128  # positions whose logits exist at once
+    logit_chunk: int = 64  # positions whose logits exist at once
     activation_checkpointing: bool = True  # keep decoder-layer inputs only; recompute the rest
     seed: int = 0
 

@@ -160,7 +160,10 @@ def topk_kl(student_logits: torch.Tensor, indices: torch.Tensor, teacher_logprob
             teacher_rest: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Σ over positions of the coarsened KL(teacher ‖ student) (module docstring), times T².
     student_logits (…, vocab); indices/teacher_logprobs (…, k); teacher_rest (…)."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    logits = student_logits.float()
+    if temperature != 1.0:  # x / 1 is x: no vocabulary-wide copy of the chunk's logits
+        logits = logits / temperature
+    student = F.log_softmax(logits, dim=-1)
     return topk_kl_from_logprobs(student, indices, teacher_logprobs, teacher_rest) * temperature**2
 
 

@@ -32,7 +32,7 @@ from fabricq.errors import FabricqError
 from fabricq.recovery.lora import LoRALinear, adapter_tensors, load_adapter_tensors
 from fabricq.recovery.settings import TrainSettings
 from fabricq.recovery.teacher import final_hidden, head_logits, lm_loss, topk_kl
-from fabricq.sysmem import release_freed_memory
+from fabricq.sysmem import mapping_small_blocks, release_freed_memory
 
 log = logging.getLogger("fabricq")
 
@@ -207,48 +207,53 @@ def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: tor
     bar = tqdm(total=settings.steps, initial=start, desc="Recovery", unit="step",
                disable=not show_progress or rank != 0, mininterval=2)
     tick = time.perf_counter()
+    # The step's activation-sized temporaries (below the heap's 2 MiB mapping threshold) would
+    # otherwise grow the heap, each layer making more of it resident: on the default model the
+    # step's peak RSS stood ~0.4 GiB above its start, with the memory alive nearly unchanged.
+    # Mapped afresh, they cost page faults instead (benchmarks/README.md, "Recovery: training memory").
     try:
-        for step in range(start, settings.steps):
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for m in range(accum):
-                first = (step * accum + m) * micro
-                rows = slice(first, first + micro)
-                ids = windows[rows].to(fabric.device)
-                teach = [t.to(fabric.device) for t in teacher.rows(rows)] if teacher is not None else []
-                with fabric.no_backward_sync(objective, enabled=m < accum - 1):
-                    with autocast:
-                        loss = objective(ids, *teach) / accum
-                    fabric.backward(loss)
-                step_loss += float(loss.detach())
-            if world > 1:
-                step_loss = fabric.all_reduce(step_loss.to(fabric.device), reduce_op="mean").cpu()
-            value = float(step_loss)
-            if not math.isfinite(value):
-                kept = store.latest()
-                where = f"step {int(kept.stem.split('-')[1])}: {kept}" if kept else "none was written yet"
-                raise FabricqError(f"recovery diverged: the loss is {value} at step {step + 1}; the last good adapter "
-                                   f"checkpoint is kept ({where}); try a lower recovery.lr")
-            if settings.max_grad_norm:
-                fabric.clip_gradients(objective, optimizer, max_norm=settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            # The adapters' gradients, moments and a checkpoint's copies are blocks below the heap's
-            # mapping threshold: freed, they stay resident unless trimmed, and RSS grows with steps.
-            release_freed_memory()
-            window_losses.append(value)
-            done = step + 1
-            if done % settings.log_every == 0 or done == settings.steps:
-                history.append({"step": done, "loss": sum(window_losses) / len(window_losses)})
-                window_losses = []
-            elapsed = time.perf_counter() - tick
-            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
-            bar.update(1)
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                _save(fabric, store, done, {
-                    "adapter": adapter_tensors(modules), "optimizer": optimizer, "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "step": done, "history": history, "identity": identity,
-                    "window_losses": window_losses})
+        with mapping_small_blocks():
+            for step in range(start, settings.steps):
+                step_loss = torch.zeros((), dtype=torch.float64)
+                for m in range(accum):
+                    first = (step * accum + m) * micro
+                    rows = slice(first, first + micro)
+                    ids = windows[rows].to(fabric.device)
+                    teach = [t.to(fabric.device) for t in teacher.rows(rows)] if teacher is not None else []
+                    with fabric.no_backward_sync(objective, enabled=m < accum - 1):
+                        with autocast:
+                            loss = objective(ids, *teach) / accum
+                        fabric.backward(loss)
+                    step_loss += float(loss.detach())
+                if world > 1:
+                    step_loss = fabric.all_reduce(step_loss.to(fabric.device), reduce_op="mean").cpu()
+                value = float(step_loss)
+                if not math.isfinite(value):
+                    kept = store.latest()
+                    where = f"step {int(kept.stem.split('-')[1])}: {kept}" if kept else "none was written yet"
+                    raise FabricqError(f"recovery diverged: the loss is {value} at step {step + 1}; the last good adapter "
+                                       f"checkpoint is kept ({where}); try a lower recovery.lr")
+                if settings.max_grad_norm:
+                    fabric.clip_gradients(objective, optimizer, max_norm=settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                # The adapters' gradients, moments and a checkpoint's copies are blocks below the heap's
+                # mapping threshold: freed, they stay resident unless trimmed, and RSS grows with steps.
+                release_freed_memory()
+                window_losses.append(value)
+                done = step + 1
+                if done % settings.log_every == 0 or done == settings.steps:
+                    history.append({"step": done, "loss": sum(window_losses) / len(window_losses)})
+                    window_losses = []
+                elapsed = time.perf_counter() - tick
+                bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
+                bar.update(1)
+                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                    _save(fabric, store, done, {
+                        "adapter": adapter_tensors(modules), "optimizer": optimizer, "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "step": done, "history": history, "identity": identity,
+                        "window_losses": window_losses})
     finally:  # the bar's last refresh must not follow an error line
         bar.close()
     if settings.activation_checkpointing:
