@@ -206,7 +206,8 @@ def check_finite(files: list[Path], headers: Header) -> None:
                     continue
                 if dtype not in buffers:
                     buffers[dtype] = _scan_buffer(dtype)
-                bad = sum(chunk.numel() - int(torch.isfinite(chunk).sum())
+                # count_nonzero: a bool tensor's sum() would first cast it to int64 (8× the mask).
+                bad = sum(chunk.numel() - int(torch.count_nonzero(torch.isfinite(chunk)))
                           for chunk in _chunks(f, span, dtype, buffers[dtype]))
                 if bad:
                     raise FabricqError(

@@ -277,4 +277,4 @@ def test_reusing_freed_blocks_serves_repeated_temporaries_from_the_heap_then_res
     pages = 20 * (8 << 20) // 4096  # every page of every fresh mapping
     assert first > 0.8 * pages  # the policy maps each 8 MiB block afresh: it faults in again
     assert inside < 0.2 * pages  # reused from the heap: faulted in once
-    assert after > 0.8 * pages  # the policy is back on leaving
+    assert after > 0.5 * pages  # the policy is back on leaving: fresh mappings fault again
