@@ -91,8 +91,9 @@ def main() -> None:
         print(f"| {r['label']} | {r['process_wall_s']:.1f} | {r['process_wall_s'] / base['process_wall_s']:.3f} "
               f"| {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | {t.get('eval_before_s', 0):.1f} "
               f"| {t.get('quantize_s', 0):.1f} | {t.get('eval_after_s', 0):.1f} |")
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    from fabricq.precision import cpu_flags, read_cpuinfo
+
+    flags = sorted(cpu_flags(read_cpuinfo()))
     record = {"baseline": args.baseline, "threads": args.threads, "rows": rows,
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                        "flags": [f for f in flags if f.startswith(("avx", "amx", "fma"))]}}

@@ -82,8 +82,9 @@ def main() -> None:
               f"| {r['peak_rss_mib']:.0f} | {r['ppl']:.6f} |")
     mean = {m: sum(r["wall_s"] for r in rows if r["mode"] == m) / args.repeats for m in MODES}
     print(f"\nreused / mapped wall: {mean['reused'] / mean['mapped']:.3f}")
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    from fabricq.precision import cpu_flags, read_cpuinfo
+
+    flags = sorted(cpu_flags(read_cpuinfo()))
     record = {"rows": rows, "ratio_wall": mean["reused"] / mean["mapped"], "load_avg": os.getloadavg(),
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                        "flags": [f for f in flags if f.startswith(("avx", "amx", "fma"))]}}

@@ -114,15 +114,8 @@ def reusing_freed_blocks():
     afresh there buys no peak memory and costs a page fault per page of every activation,
     while the heap can hold at most one iteration's temporaries (benchmarks/README.md,
     "Heap policy"). A no-op unless `return_large_blocks_to_os` is in effect."""
-    libc = _glibc() if _returning_threshold is not None else None
-    if libc is None or not _set_thresholds(libc, REUSE_MMAP_THRESHOLD, REUSE_TRIM_THRESHOLD):
+    with _thresholds_while_inside(REUSE_MMAP_THRESHOLD, REUSE_TRIM_THRESHOLD):
         yield
-        return
-    try:
-        yield
-    finally:
-        _set_thresholds(libc, _returning_threshold, _returning_threshold)
-        release_freed_memory()
 
 
 # Activation-sized blocks of a training step (a 512-token window's hidden states, its key/value
@@ -139,8 +132,16 @@ def mapping_small_blocks(threshold: int = STEP_MMAP_THRESHOLD):
     until trimmed and is faulted in again wherever later blocks land, so resident memory climbs far
     above what is alive (benchmarks/README.md, "Recovery: training memory").
     A no-op unless `return_large_blocks_to_os` is in effect."""
+    with _thresholds_while_inside(threshold, _returning_threshold):
+        yield
+
+
+@contextlib.contextmanager
+def _thresholds_while_inside(mmap_threshold: int, trim_threshold: int):
+    """These heap thresholds inside, `return_large_blocks_to_os`'s on leaving (heap trimmed); a
+    no-op unless that policy is in effect."""
     libc = _glibc() if _returning_threshold is not None else None
-    if libc is None or not _set_thresholds(libc, threshold, _returning_threshold):
+    if libc is None or not _set_thresholds(libc, mmap_threshold, trim_threshold):
         yield
         return
     try:

@@ -58,3 +58,13 @@ def cli_w4_reference(shared_path, tmp_path_factory):
     from cli_reference import cli_reference
 
     return cli_reference(shared_path, tmp_path_factory.mktemp("cli") / "w4")
+
+
+def spawn_ranks(main, folder: Path, world: int = 2) -> list:
+    """Run `main(rank, world, init_file, folder)` on `world` spawned processes (each saves
+    `folder/rank{r}.pt`) and return what every rank saved."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(main, args=(world, str(folder / "init"), str(folder)), nprocs=world, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]

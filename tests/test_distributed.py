@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, run_cli, spawn_ranks
 from fabricq.parallel.plan import CostModel, SolveTask, assign_to_ranks, local_samples, makespan, shard_batches, solve_cost, split_rows, split_stacked_rows
 from fabricq.runtime import config_digest
 from fabricq.errors import FabricqError
@@ -273,11 +273,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_solves(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    folder = tmp_path_factory.mktemp("solvers")
-    mp.spawn(_rank_main, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_ranks(_rank_main, tmp_path_factory.mktemp("solvers"))
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

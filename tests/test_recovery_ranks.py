@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from conftest import spawn_ranks
 from torch import nn
 
 from fabricq.quant.gptq import rtn_quantize
@@ -122,11 +123,7 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_starts(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    folder = tmp_path_factory.mktemp("eora_ranks")
-    mp.spawn(_rank_main, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_ranks(_rank_main, tmp_path_factory.mktemp("eora_ranks"))
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
