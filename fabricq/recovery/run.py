@@ -139,7 +139,10 @@ def _reducer(fabric):
         total = total.to(fabric.device)
         count = torch.tensor([float(tokens)], dtype=torch.float64, device=fabric.device)
         for t in (total, count):
-            torch.distributed.all_reduce(t) if dst is None else torch.distributed.reduce(t, dst)
+            if dst is None:
+                torch.distributed.all_reduce(t)
+            else:
+                torch.distributed.reduce(t, dst)
         if dst is not None and fabric.global_rank != dst:
             return None
         return total.cpu(), int(count.item())
