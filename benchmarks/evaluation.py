@@ -63,7 +63,7 @@ def _setup(windows: int | None):
     source = resolve_model_source(config.model.path)
     text = prepare_text(load_tokenizer(source), config.data, config.eval)
     evaluation = text.evaluation if windows is None else text.evaluation[:windows]
-    precision = decide_precision(config.model.dtype, saved_dtype(source), quality_ok=True)
+    precision = decide_precision(config.model.dtype, saved_dtype(source))
     model = load_model(source, precision.forward_dtype).eval()
     torch.set_grad_enabled(False)
     return config, source, model, evaluation, model_identity

@@ -130,18 +130,18 @@ def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
     text = prepare_text(tokenizer, config.data, config.eval)
     # Resume: the work directory beside the output must be this run's, or new.
     work = WorkDirectory(work_dir_for(output_dir), rank, world)
+    # Forward dtype and Hessian products from the saved dtype, the request and the CPU's flags;
+    # every rank runs rank 0's choice (their activations and Hessians must agree).
+    precision = decide_precision(config.model.dtype, saved_dtype(source), config.quant.hessian_dtype)
+    if world > 1:
+        precision = fabric.broadcast(precision, src=0)
     identity = {"config": config_identity(cfg), "model": model_identity(source),
-                "data_sha256": data_identity(text.calibration), "world_size": world}
+                "data_sha256": data_identity(text.calibration), "world_size": world,
+                "precision": precision.identity()}
     resuming = work.prepare(config.resume, identity)
     if world > 1:  # rank 0 may have discarded an old run: nobody writes before that is done
         fabric.barrier()
     cache = cache_from_config(config, model_config, work, fabric.device) if model_config else None
-    # Forward dtype and Hessian products from what this host measurably computes fast; every
-    # rank runs rank 0's choice (their activations and Hessians must agree).
-    precision = decide_precision(config.model.dtype, saved_dtype(source),
-                                 quality_ok=config.quant.hessian_dtype == "float32")
-    if world > 1:
-        precision = fabric.broadcast(precision, src=0)
     enable_bf16_products(precision.bf16_hessian_products)
     model = load_model(source, precision.forward_dtype)
     if cache is None:  # the default (GGUF) model: its config is known once loaded

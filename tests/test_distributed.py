@@ -537,12 +537,15 @@ def test_two_nodes_float32_agree_with_one_rank_and_only_rank_0_writes(one_rank_r
 
 def test_a_failing_rank_is_named_and_the_run_stops(shared_path, tmp_path):
     out = tmp_path / "out"
-    result, seconds = _run_probe(tmp_path, ["recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
-                                            "eval.enabled=false", f"output_dir={out}"], fail_rank="1", timeout=240)
+    # No wall-clock bound of its own (a busy machine slows the run, not the failure handling): a
+    # rank that waited for the dead one would end in the collective timeout's error instead of
+    # this message, and a hang ends in the subprocess timeout.
+    result, _ = _run_probe(tmp_path, ["recipe=gptq_w4", *_small(shared_path), "trainer.devices=2",
+                                      "eval.enabled=false", f"output_dir={out}"], fail_rank="1", timeout=400)
     assert result.returncode != 0
     assert "fabricq: error: rank 1/2: failed: RuntimeError: injected failure" in result.stderr
+    assert "timed out" not in result.stderr.lower() and "timeout" not in result.stderr.lower()
     assert not out.exists()
-    assert seconds < 180
 
 
 def test_mismatched_configs_across_ranks_are_refused(shared_path, tmp_path):

@@ -21,7 +21,9 @@ from in_process import run_app
 from fabricq import resume
 from fabricq.errors import FabricqError
 
-ARGS = ["recipe=gptq_w4", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
+# float32 forwards pinned: the budgets and bit-identity below are sized for float32 hidden states
+# (tests/test_bf16_paths.py resumes a bf16 run).
+ARGS = ["recipe=gptq_w4", "model.dtype=float32", "data.num_samples=8", "data.seq_len=64", "data.batch_size=2", "eval.enabled=false", "eval.seq_len=64"]
 # About three batches of hidden states in host memory: the rest is spilled to disk.
 # Budgets need the two-forward mode (quant.true_sequential=false).
 LAYER_MODE = ["quant.true_sequential=false"]

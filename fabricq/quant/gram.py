@@ -11,8 +11,8 @@ rounding per call (relative error at most 2⁻⁸ per element of each call's pro
 float32 conversion is exact up to float32 accumulation.
 
 Whether bf16 products are used is a property of the host (does it compute bf16 natively?), so it
-is one switch here, set once per run by the caller that measured the host (`fabricq.precision`);
-off by default, which keeps today's conversion to the Hessian's dtype.
+is one switch here, set once per run from the CPU's flags (`fabricq.precision`); off by default,
+which keeps the conversion to the Hessian's dtype.
 """
 
 from __future__ import annotations
