@@ -66,7 +66,7 @@ M_ARENA_MAX = -8
 # tensors (biases, norms, scales), where a system call per allocation would cost more than the
 # memory it saves. 2 MiB is where torch starts backing blocks with huge pages
 # (`huge_pages_for_large_tensors`): a smaller mapped block would fault in 4 KiB pages each time it
-# is allocated again (benchmarks/README.md, "Heap threshold").
+# is allocated again (benchmarks/results/2026-11-28-heap-policy.md).
 DEFAULT_THRESHOLD = 2 << 20
 _returning_threshold: int | None = None  # what return_large_blocks_to_os set, if it did
 
@@ -112,8 +112,8 @@ def reusing_freed_blocks():
     back and the heap is trimmed. For loops whose memory alive is the same from one iteration to
     the next (an evaluation: the model and one window's activations): mapping each temporary
     afresh there buys no peak memory and costs a page fault per page of every activation,
-    while the heap can hold at most one iteration's temporaries (benchmarks/README.md,
-    "Heap policy"). A no-op unless `return_large_blocks_to_os` is in effect."""
+    while the heap can hold at most one iteration's temporaries (benchmarks/results/2026-11-28-default-run.md,
+    "evaluation heap reuse"). A no-op unless `return_large_blocks_to_os` is in effect."""
     with _thresholds_while_inside(REUSE_MMAP_THRESHOLD, REUSE_TRIM_THRESHOLD):
         yield
 
@@ -130,7 +130,7 @@ def mapping_small_blocks(threshold: int = STEP_MMAP_THRESHOLD):
     back and the heap is trimmed). For a loop of many sub-2-MiB temporaries (a training step's
     activations): under the 2 MiB threshold they grow the heap, whose freed middle stays resident
     until trimmed and is faulted in again wherever later blocks land, so resident memory climbs far
-    above what is alive (benchmarks/README.md, "Recovery: training memory").
+    above what is alive (benchmarks/results/2026-11-28-recovery-training-memory.md).
     A no-op unless `return_large_blocks_to_os` is in effect."""
     with _thresholds_while_inside(threshold, _returning_threshold):
         yield
@@ -159,7 +159,7 @@ def huge_pages_for_large_tensors() -> bool:
     `THP_MEM_ALLOC_ENABLE`: 2 MiB-aligned blocks, `madvise(MADV_HUGEPAGE)`). With freed large
     blocks returned to the OS (`return_large_blocks_to_os`), each fresh activation is new memory,
     and faulting it in 4 KiB pages is slow; a huge page is one fault for 512 of them (the
-    blocks are still unmapped when freed: same peak; benchmarks/README.md, "Heap policy").
+    blocks are still unmapped when freed: same peak; benchmarks/results/2026-11-23-heap-policy.md).
 
     torch reads the variable once, at its first allocation, so this must run before torch is
     imported (`python -m fabricq` does; a library user sets the variable in the environment).

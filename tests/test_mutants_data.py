@@ -1,5 +1,5 @@
 """Which tokens calibration gets, checked where test_data.py left mutants alive (see
-benchmarks/README.md, mutation testing): the held-out split is a function of data.seed alone, and
+benchmarks/results/2026-11-28-mutation-testing.md): the held-out split is a function of data.seed alone, and
 data.bos decides whether calibration windows start with BOS. Both change the written checkpoint
 and the resume identity (the calibration tokens' hash)."""
 

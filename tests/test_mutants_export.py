@@ -1,5 +1,5 @@
 """What fabricq.export writes, checked where test_export.py left mutants alive (see
-benchmarks/README.md, mutation testing): the export dtype of the unquantized tensors and its check
+benchmarks/results/2026-11-28-mutation-testing.md): the export dtype of the unquantized tensors and its check
 on the scales, config.json's bytes, the group order and act-order of the quantization config,
 targets of nested numbered modules, the shape checks, and the reader's class-name targets."""
 

@@ -2,7 +2,7 @@
 directory counts as progress, what `resume=true|false|auto` does with it, which differences are
 refused and how they are named, what a discard keeps, and the hidden-state snapshots. Written
 against the mutants of benchmarks/mutation.py that the run-level tests in test_resume.py let
-survive (see benchmarks/README.md, mutation testing)."""
+survive (see benchmarks/results/2026-11-28-mutation-testing.md)."""
 
 from __future__ import annotations
 

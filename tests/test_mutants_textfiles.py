@@ -1,7 +1,7 @@
 """Which text files fabricq.textfiles accepts and what it reads from them, in the corners the
 data tests leave open: a .json file holding JSON Lines, the file check without a text field (the
 one `eval.path` gets), and what the refusals name. Written against the mutants of
-benchmarks/mutation.py that tests/test_data.py let survive (see benchmarks/README.md, mutation
+benchmarks/mutation.py that tests/test_data.py let survive (see benchmarks/results/2026-11-28-mutation-testing.md: mutation
 testing)."""
 
 from __future__ import annotations

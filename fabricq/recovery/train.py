@@ -210,7 +210,7 @@ def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: tor
     # The step's activation-sized temporaries (below the heap's 2 MiB mapping threshold) would
     # otherwise grow the heap, each layer making more of it resident: on the default model the
     # step's peak RSS stood ~0.4 GiB above its start, with the memory alive nearly unchanged.
-    # Mapped afresh, they cost page faults instead (benchmarks/README.md, "Recovery: training memory").
+    # Mapped afresh, they cost page faults instead (benchmarks/results/2026-11-28-recovery-training-memory.md).
     try:
         with mapping_small_blocks():
             for step in range(start, settings.steps):
