@@ -8,7 +8,6 @@ report.json's `size_on_disk` and `python -m fabricq.summary` share.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -210,6 +209,8 @@ def write_report_files(folder: Path, report: dict, cfg, source=None) -> None:
     folder = Path(folder)
     if source is not None:
         report["size_on_disk"] = disk_sizes(source, folder)  # weight files: original vs written
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    from fabricq.strict_json import dumps
+
+    (folder / "report.json").write_text(dumps(report, indent=2))  # strict JSON: a non-finite figure is null + reason
     write_report_card(folder, report)
     (folder / "fabricq_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
