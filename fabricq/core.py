@@ -75,6 +75,10 @@ def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tu
     targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
     check_finite_weights(model, targets)
     check_something_quantized(targets, settings.ignore)
+    if getattr(config, "recovery", None) is not None:  # +recovery=…: its settings against these modules, now
+        from fabricq.recovery.lora import check_recovery_plan
+
+        check_recovery_plan(config.recovery, model, targets, settings.ignore)
     modules = dict(model.named_modules())
     shapes = {name: (modules[name].out_features, modules[name].in_features) for name in targets}
     for verdict in preflight(config.export, settings.scheme, shapes, model.dtype, settings.ignore):

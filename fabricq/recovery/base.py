@@ -41,12 +41,31 @@ def check_run_dir(folder: Path) -> None:
     missing = [name for name in RUN_FILES if not (folder / name).is_file()]
     if missing:
         raise FabricqError(f"RUN_DIR {folder} is not a fabricq output: {', '.join(missing)} missing")
-    try:
-        json.loads((folder / "report.json").read_text())
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FabricqError(f"RUN_DIR {folder} is corrupted: unreadable JSON ({err})") from None
-    qconfig = config.get("quantization_config") or {}
+    documents = {}
+    for name in ("report.json", CONFIG_NAME):
+        try:
+            documents[name] = json.loads((folder / name).read_text())
+        except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError (random bytes), unreadable
+            raise FabricqError(f"RUN_DIR {folder} is corrupted: {name} is unreadable "
+                               f"({' '.join(str(err).split())[:160]})") from None
+        if not isinstance(documents[name], dict):
+            raise FabricqError(f"RUN_DIR {folder} is corrupted: {name} is not a JSON object "
+                               f"(a {type(documents[name]).__name__})")
+    config = documents[CONFIG_NAME]
+    qconfig = config.get("quantization_config")
+    if qconfig is not None and not isinstance(qconfig, dict):
+        raise FabricqError(f"RUN_DIR {folder} is corrupted: {CONFIG_NAME}'s quantization_config is not a JSON object")
+    qconfig = qconfig or {}
+    groups = qconfig.get("config_groups")
+    if groups is not None and (not isinstance(groups, dict)
+                               or not all(isinstance(g, dict) and isinstance(g.get("targets"), list)
+                                          and isinstance(g.get("weights"), dict) for g in groups.values())):
+        raise FabricqError(f"RUN_DIR {folder} is corrupted: {CONFIG_NAME}'s quantization_config.config_groups is not "
+                           "a JSON object of groups with targets and weights")
+    ignore = qconfig.get("ignore")
+    if ignore is not None and not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
+        raise FabricqError(f"RUN_DIR {folder} is corrupted: {CONFIG_NAME}'s quantization_config.ignore is not a list "
+                           "of module names")
     if qconfig.get("quant_method") != QUANT_METHOD or qconfig.get("format") != PACK_FORMAT:
         raise FabricqError(f"RUN_DIR {folder} holds no compressed-tensors {PACK_FORMAT} checkpoint "
                            "(recovery reads fabricq's compressed-tensors export)")
@@ -57,14 +76,21 @@ def _scheme(args: dict, module: str) -> QuantScheme:
     if strategy not in ("group", "channel"):
         raise FabricqError(f"{module}: unsupported weight strategy {strategy!r} in quantization_config")
     actorder = _ACTORDER.get(args.get("actorder"), "none")
-    group = args["group_size"] if strategy == "group" else -1
-    return QuantScheme(int(args["num_bits"]), int(group), bool(args.get("symmetric", True)), actorder)
+    try:
+        group = args["group_size"] if strategy == "group" else -1
+        bits = args["num_bits"]
+        if type(bits) is not int or type(group) is not int:
+            raise TypeError(f"num_bits {bits!r}, group_size {group!r}")
+        return QuantScheme(bits, group, bool(args.get("symmetric", True)), actorder)
+    except (KeyError, TypeError, ValueError) as err:
+        raise FabricqError(f"checkpoint is corrupted: {module}'s quantization_config weights are unusable "
+                           f"({type(err).__name__}: {err})") from None
 
 
 def _packed_module(module: str, tensors: dict, config_groups: dict) -> PackedQuantizedWeight:
     try:
         args = _weights_for(module, config_groups)
-    except ValueError as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise FabricqError(f"checkpoint is corrupted: {err}") from None
     scheme = _scheme(args, module)
     packed = tensors.pop(f"{module}.weight_packed")

@@ -150,12 +150,32 @@ def select_targets(quantized: dict, patterns, other_linear: list[str] = ()) -> l
 
 def check_rank(rank: int, quantized: dict, targets: list[str]) -> None:
     """A rank above a module's smaller dimension adds parameters and no expressiveness: refused,
-    naming the narrowest target."""
-    name = min(targets, key=lambda n: min(quantized[n].shape))
-    width = min(quantized[name].shape)
+    naming the narrowest target. `quantized`: name → quantized weight, or its (out, in) shape."""
+    def shape(name):
+        return tuple(getattr(quantized[name], "shape", quantized[name]))
+
+    name = min(targets, key=lambda n: min(shape(n)))
+    width = min(shape(name))
     if rank > width:
         raise FabricqError(f"recovery.rank={rank} is larger than {name}'s width {width} "
-                           f"(shape {tuple(quantized[name].shape)}): choose a rank of at most {width}")
+                           f"(shape {shape(name)}): choose a rank of at most {width}")
+
+
+def check_recovery_plan(recovery, model: nn.Module, targets: list[str], ignore) -> None:
+    """`python -m fabricq … +recovery=NAME`, before quantizing: the recovery that will follow
+    must be able to run on the modules this run quantizes (`targets` less `ignore`, regexes
+    searched in the names as the quantization applies them) — the rank, recovery.target_modules
+    and recovery.seq_len — so that a bad value is refused now, not after the whole quantization."""
+    modules = dict(model.named_modules())
+    patterns = [re.compile(p) for p in ignore or ()]
+    shapes = {n: (modules[n].out_features, modules[n].in_features) for n in targets
+              if not any(p.search(n) for p in patterns)}
+    other = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in shapes]
+    chosen = select_targets(shapes, recovery.target_modules, other)
+    check_rank(recovery.rank, shapes, chosen)
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_positions, int) and recovery.seq_len > max_positions:
+        raise FabricqError(f"recovery.seq_len={recovery.seq_len} exceeds the model's context length {max_positions}")
 
 
 def attach_lora(model: nn.Module, quantized: dict, targets: list[str], *, rank: int, alpha: float,

@@ -89,6 +89,23 @@ def check_recovery(settings) -> None:
     world = settings.trainer.world_size
     if (r.init == "eora" or r.merge) and r.eora_samples < world:
         raise FabricqError(f"recovery.eora_samples={r.eora_samples} is fewer than the {world} ranks: each needs one")
+    check_recovery_text(settings)
+
+
+def check_recovery_text(settings) -> None:
+    """recovery.data.path: a readable text file (named as the setting it is, before anything
+    loads), and never the evaluation text."""
+    from pathlib import Path
+
+    from fabricq.textfiles import check_text_path
+
+    path = settings.recovery.data.path
+    if path is None or settings.recovery.steps == 0:  # eora trains on nothing: the path is not read
+        return
+    check_text_path(path, "recovery.data.path")
+    ev = settings.eval
+    if ev.enabled and ev.path is not None and Path(path).expanduser().resolve() == Path(ev.path).expanduser().resolve():
+        raise FabricqError(f"recovery.data.path is the evaluation text ({ev.path}): recover on other text")
 
 
 def recovery_plan(settings) -> RecoveryPlan:
