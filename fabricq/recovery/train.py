@@ -9,9 +9,12 @@ contiguous share, so 1 rank with grad_accum = 2 and 2 ranks with grad_accum = 1 
 same windows and, losses being means over equal numbers of positions, on the same gradients.
 
 Checkpoints (adapters, optimizer, schedule position, RNG, loss history) are written every
-`checkpoint_every` steps and at the end; a restarted recovery continues from the newest one. A
+`checkpoint_every` steps and at the end; a restarted recovery continues from the newest one whose
+identity (the settings, or what the caller passes: `fabricq.recovery.work`) is this run's. A
 non-finite loss stops the run before the optimizer step, naming the step; the last good
-checkpoint stays.
+checkpoint stays. After the last step the loss is measured once more (the last micro-batch,
+with the final adapters): the last update can be the one that diverges, and such adapters are
+neither checkpointed nor returned.
 """
 
 from __future__ import annotations
@@ -178,12 +181,36 @@ class TrainResult:
     tokens_per_s: float = 0.0
 
 
+def _advice(settings: TrainSettings, alpha: float | None) -> str:
+    return (f"try a smaller recovery.lr (now {settings.lr:g})"
+            + (f" or recovery.alpha (now {alpha:g})" if alpha is not None else ""))
+
+
+def _final_loss(fabric, objective, windows, teacher, settings: TrainSettings, autocast) -> float:
+    """The loss of the last step's last micro-batch with the adapters as trained (every rank its
+    own, averaged: all ranks reach the same verdict)."""
+    first = (settings.steps * settings.grad_accum - 1) * settings.batch_size
+    rows = slice(first, first + settings.batch_size)
+    ids = windows[rows].to(fabric.device)
+    teach = [t.to(fabric.device) for t in teacher.rows(rows)] if teacher is not None else []
+    rng = torch.get_rng_state()  # (dropout draws): the check leaves the random stream as training left it
+    with torch.no_grad(), autocast:
+        loss = objective(ids, *teach).detach().double().cpu()
+    torch.set_rng_state(rng)
+    if fabric.world_size > 1:
+        loss = fabric.all_reduce(loss.to(fabric.device), reduce_op="mean").cpu()
+    return float(loss)
+
+
 def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: torch.Tensor, teacher, *,
-          settings: TrainSettings, store: CheckpointStore, show_progress: bool = True) -> TrainResult:
+          settings: TrainSettings, store: CheckpointStore, show_progress: bool = True, identity: str | None = None,
+          alpha: float | None = None) -> TrainResult:
     """Train the adapters of `modules` (inside `model`) for `settings.steps` steps.
 
     windows: this rank's windows in consumption order (`local_window_order`), (n, seq_len).
-    teacher: TeacherTargets for exactly those windows, or None for loss=lm."""
+    teacher: TeacherTargets for exactly those windows, or None for loss=lm.
+    identity: what a checkpoint must carry to be resumed (default: the training settings and the
+    rank count). alpha: the adapters' alpha, named in the advice when training diverges."""
     world, rank = fabric.world_size, fabric.global_rank
     if settings.activation_checkpointing:
         _recompute_layers(model, True)
@@ -194,7 +221,7 @@ def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: tor
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     objective, optimizer = fabric.setup(objective, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(settings, s))
-    identity = settings.identity(world)
+    identity = identity or settings.identity(world)
 
     progress = _resume(fabric, store, identity, optimizer, scheduler, modules)
     start, history, window_losses = progress["step"], progress["history"], progress["window_losses"]
@@ -232,7 +259,7 @@ def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: tor
                     kept = store.latest()
                     where = f"step {int(kept.stem.split('-')[1])}: {kept}" if kept else "none was written yet"
                     raise FabricqError(f"recovery diverged: the loss is {value} at step {step + 1}; the last good adapter "
-                                       f"checkpoint is kept ({where}); try a lower recovery.lr")
+                                       f"checkpoint is kept ({where}); nothing was published: {_advice(settings, alpha)}")
                 if settings.max_grad_norm:
                     fabric.clip_gradients(objective, optimizer, max_norm=settings.max_grad_norm)
                 optimizer.step()
@@ -249,11 +276,25 @@ def train(fabric, model: nn.Module, modules: dict[str, LoRALinear], windows: tor
                 elapsed = time.perf_counter() - tick
                 bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{(done - start) * tokens_per_step / max(elapsed, 1e-9):.0f}")
                 bar.update(1)
-                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                if done == settings.steps:  # checked first: below
+                    break
+                if done % settings.checkpoint_every == 0:
                     _save(fabric, store, done, {
                         "adapter": adapter_tensors(modules), "optimizer": optimizer, "scheduler": scheduler.state_dict(),
                         "rng": torch.get_rng_state(), "step": done, "history": history, "identity": identity,
                         "window_losses": window_losses})
+            final = _final_loss(fabric, objective, windows, teacher, settings, autocast)
+            if not math.isfinite(final):
+                kept = store.latest()
+                where = f"step {int(kept.stem.split('-')[1])}: {kept}" if kept else "none was written yet"
+                raise FabricqError(f"recovery diverged: after the last step ({settings.steps}) the loss is {final}; the "
+                                   f"last good adapter checkpoint is kept ({where}); nothing was published: "
+                                   f"{_advice(settings, alpha)}")
+            if start < settings.steps:
+                _save(fabric, store, settings.steps, {
+                    "adapter": adapter_tensors(modules), "optimizer": optimizer, "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "step": settings.steps, "history": history, "identity": identity,
+                    "window_losses": window_losses})
     finally:  # the bar's last refresh must not follow an error line
         bar.close()
     if settings.activation_checkpointing:
