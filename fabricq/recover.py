@@ -10,7 +10,9 @@ The adapter goes to RUN_DIR/adapter/ and report.json gains a `recovery` section.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +65,14 @@ def compose_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     check_run_dir(run_dir)
     try:
         run_cfg = OmegaConf.load(run_dir / "fabricq_config.yaml")
-    except Exception as err:  # yaml's own errors
-        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: fabricq_config.yaml does not parse ({err})") from None
-    if not isinstance(run_cfg, DictConfig) or "model" not in run_cfg or "data" not in run_cfg:
-        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: fabricq_config.yaml is not a fabricq config")
+    except Exception as err:  # yaml's own errors (several lines: the first says what), bad bytes
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: fabricq_config.yaml does not parse ({reason}); "
+                           "rerun the quantization to rewrite it") from None
+    if (not isinstance(run_cfg, DictConfig) or not isinstance(run_cfg.get("model"), DictConfig)
+            or not isinstance(run_cfg.get("data"), DictConfig)):
+        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: fabricq_config.yaml is not a fabricq config "
+                           "(no model and data sections)")
     parsed = _parse(overrides)
     picks_group = any(o.key_or_group == "recovery" for o in parsed)
     if not picks_group:
@@ -79,7 +85,10 @@ def compose_config(run_dir: Path, overrides: list[str]) -> DictConfig:
             composed = compose(config_name="config", overrides=overrides)
     except Exception as err:  # hydra's ConfigCompositionException and friends
         raise FabricqError(f"bad override: {str(err).splitlines()[0]}") from None
-    cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))
+    except Exception as err:  # an interpolation that does not resolve
+        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: fabricq_config.yaml: {str(err).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, False)
     _drop_removed_keys(cfg)
     cfg.recovery = composed.recovery if picks_group else run_cfg.recovery
@@ -102,9 +111,12 @@ def recover_after_run(cfg: DictConfig, output_dir: Path, report: dict) -> dict:
 
     if cfg.get("recovery") is None:
         return report
+    from fabricq.recovery.publish import LOCK_HELD_ENV
+
     command = [sys.executable, "-m", "fabricq.recover", str(Path(output_dir).resolve())]
     log.info("Recovery: %s", " ".join(command[1:]))
-    completed = subprocess.run(command)
+    # This run still holds the output's lock: the recovery works under it (fabricq.recovery.publish).
+    completed = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: str(os.getpid())})
     if completed.returncode != 0:
         raise FabricqError(f"recovery of {output_dir} failed (exit code {completed.returncode}); the quantized "
                            f"output is complete: rerun it with python -m fabricq.recover {output_dir}")
@@ -136,8 +148,39 @@ def main(argv: list[str] | None = None) -> None:
 
         recover(run_dir, cfg)
     except FabricqError as err:
+        if os.environ.get("FABRICQ_DEBUG") == "1":
+            raise
         print(f"fabricq: error: {rank_label()}{err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        # What the user's system refuses (permissions, a full disk, a read-only file system): one
+        # line that names the path; anything else is a bug and keeps its traceback.
+        from fabricq.output import out_of_space
+
+        user = out_of_space(err) or (isinstance(err, OSError) and err.errno in USER_ERRNOS)
+        if os.environ.get("FABRICQ_DEBUG") == "1" or not user:
+            raise
+        print(f"fabricq: error: {rank_label()}{os_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP,
+               errno.ENOTDIR, errno.EISDIR}
+
+
+def os_error_line(err: Exception) -> str:
+    from fabricq.output import out_of_space
+
+    where = " → ".join(str(f) for f in (getattr(err, "filename", None), getattr(err, "filename2", None)) if f)
+    what = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    if out_of_space(err):
+        advice = "free space and rerun (the recovery resumes from its last checkpoint)"
+    else:
+        advice = ("fabricq.recover reads the run's files and model, and writes its lock and work folder beside RUN_DIR "
+                  "and the adapter inside it: check those permissions")
+    return f"{what}{f': {where}' if where else ''}: {advice}"
+
+
 
 
 if __name__ == "__main__":

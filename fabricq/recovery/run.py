@@ -18,8 +18,8 @@ import gc
 import itertools
 import json
 import logging
+import math
 import mmap
-import os
 import shutil
 import time
 from pathlib import Path
@@ -49,8 +49,9 @@ from fabricq.models import (
 from fabricq.parallel.plan import shard_batches
 from fabricq.recovery import eora
 from fabricq.recovery import teacher as teacher_mod
+from fabricq.output import launch_rank
 from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter, save_peft_adapter
-from fabricq.recovery.base import load_exported_tensors, read_run
+from fabricq.recovery.base import check_run_dir, load_exported_tensors, read_run
 from fabricq.recovery.lora import attach_lora, check_rank, select_targets
 from fabricq.recovery.merge import (
     MERGED_DIR,
@@ -58,8 +59,16 @@ from fabricq.recovery.merge import (
     restore_linear,
     write_merged,
 )
+from fabricq.recovery.publish import RecoveryClaim
 from fabricq.recovery.settings import RecoveryPlan, recovery_plan
 from fabricq.recovery.train import CheckpointStore, local_window_order, train
+from fabricq.recovery.work import (
+    check_work,
+    identity_digest,
+    prepare_work,
+    recovery_identity,
+    work_dir_for,
+)
 from fabricq.resume import model_identity
 from fabricq.sysmem import (
     drop_mapped_pages,
@@ -68,10 +77,6 @@ from fabricq.sysmem import (
 )
 
 log = logging.getLogger("fabricq")
-
-
-def work_dir_for(run_dir: Path) -> Path:
-    return run_dir.parent / f".{run_dir.name}.recovery"
 
 
 def peak_rss_mib() -> float:
@@ -122,12 +127,19 @@ def recovery_text(tokenizer, cfg: DictConfig, s: RecoveryPlan, windows_needed: i
     held_out = path is None and ev["enabled"] and ev["path"] is None
     data.update(num_samples=windows_needed, seq_len=s.seq_len, **({"path": path} if path is not None else {}))
     ev["enabled"] = held_out
+    if path is not None:  # a text of its own: all of it is recovery text (no documents held out for evaluation)
+        ev["path"] = path
     try:
         return prepare_text(tokenizer, OmegaConf.create(data), OmegaConf.create(ev)).calibration
     except FabricqError as err:
+        if not str(err).startswith("calibration text is too short"):  # unreadable or unusable text
+            where = f"recovery.data.path={path}" if path is not None else f"data.path={data.get('path')}"
+            raise FabricqError(f"recovery text ({where}): {err}") from None
         per_step = windows_needed // max(1, s.train.steps)
+        source = "recovery.data.path" if path is not None else "data.path (its calibration part)"
         raise FabricqError(f"recovery text is too short: recovery.steps={s.train.steps} × {per_step} windows per step "
-                           f"need {windows_needed} windows of recovery.seq_len={s.seq_len}; {err}") from None
+                           f"need {windows_needed} windows of recovery.seq_len={s.seq_len} from {source}; "
+                           f"{err}") from None
 
 
 def _reducer(fabric):
@@ -233,12 +245,47 @@ def _check_belongs(modules: dict, run, model_name: str) -> None:
                                f"{tuple(qw.shape)}, which the model lacks or shapes differently")
 
 
+def _diverged(what: str, s: RecoveryPlan) -> FabricqError:
+    return FabricqError(f"recovery diverged: {what}; nothing was published (an earlier adapter is left as it was): "
+                        f"try a smaller recovery.lr (now {s.train.lr:g}) or recovery.alpha (now {s.alpha:g})")
+
+
+@torch.no_grad()
+def check_finite_adapter(model, lora: dict, ids: torch.Tensor, device, s: RecoveryPlan, what: str = "the adapter") -> None:
+    """Before anything is published: every adapter tensor is finite, and the model with it gives
+    finite logits on `ids` (finite factors can still multiply past the float range)."""
+    for name, module in lora.items():
+        for part in ("lora_A", "lora_B"):
+            if not torch.isfinite(getattr(module, part)).all():
+                raise _diverged(f"{what}'s {name}.{part} holds NaN/Inf", s)
+    logits = model(input_ids=ids.to(device)).logits
+    if not torch.isfinite(logits).all():
+        raise _diverged(f"the model with {what} gives NaN/Inf logits", s)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def recover(run_dir: Path, cfg: DictConfig) -> dict:
     """Recover the output in `run_dir` as `cfg.recovery` says; returns its report section."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     settings = load_settings(cfg)  # the run's config and the recovery section, every field checked
     s = recovery_plan(settings)
+    check_run_dir(run_dir)
+    claim = RecoveryClaim(run_dir) if launch_rank(settings.trainer.devices) == 0 else None
+    if claim is not None:
+        claim.acquire()  # before anything is read or written: no other run changes RUN_DIR meanwhile
+    try:
+        return _recover(run_dir, cfg, settings, s, claim, start)
+    finally:
+        if claim is not None:
+            claim.release()  # a failure publishes nothing: this run's staging folders go
+
+
+def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: RecoveryClaim | None,
+             start: float) -> dict:
     if settings.cache.heap == "compact":  # freed tensors go back to the OS at once, as in the run (peak RSS)
         return_large_blocks_to_os()
     world = settings.trainer.world_size
@@ -263,6 +310,14 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
     text = prepare_text(tokenizer, cfg.data, cfg.eval)
     windows = recovery_text(tokenizer, cfg, s, s.train.steps * glob) if s.train.steps else None
     release_freed_memory()  # the tokenizer's buffers of whole-corpus encodings
+    # The work folder is resumed from only for the same base, teacher, text and settings.
+    work = work_dir_for(run_dir)
+    identity = recovery_identity(run_dir, source, windows, s, targets, world, str(cfg.model.dtype))
+    discard = check_work(work, identity, settings.resume)
+    fabric.barrier()  # every rank has looked before rank 0 changes it
+    if rank == 0:
+        prepare_work(work, identity, discard)
+    fabric.barrier()
     model = load_model(source, cfg.model.dtype)
     modules = dict(model.named_modules())
     _check_belongs(modules, run, source.name)
@@ -270,10 +325,6 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
     targets.sort(key=position.__getitem__)
     linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     check_finite_weights(model, targets)
-    work = work_dir_for(run_dir)
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
     timings["prepare_s"] = time.perf_counter() - tick
     peaks.end("prepare")
 
@@ -331,19 +382,27 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
     if s.train.steps:
         model.train()
         result = train(fabric, model, lora, local, targets_kl, settings=s.train,
-                       store=CheckpointStore(work / "checkpoints"))
+                       store=CheckpointStore(work / "checkpoints"), identity=identity_digest(identity),
+                       alpha=s.alpha)
         model.eval()
         timings["train_s"] = result.wall_s
     peaks.end("train")
+    # Nothing non-finite is published: the adapter, and the model with it on one window (the same
+    # on every rank, so all ranks agree).
+    probe = text.calibration[:1, : s.seq_len]
+    model.to(device)
+    check_finite_adapter(model, lora, probe, device, s)
+    model.to("cpu")
     adapter_dir = run_dir / ADAPTER_DIR
-    if rank == 0:
-        staging = run_dir / f".{ADAPTER_DIR}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_peft_adapter(staging, lora, linear, base_model=str(run_dir.resolve()))
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(staging, adapter_dir)
-    fabric.barrier()
     merged_dir = run_dir / MERGED_DIR
+    staged = {}
+    if rank == 0:
+        staged[ADAPTER_DIR] = save_peft_adapter(claim.staging(ADAPTER_DIR), lora, linear, base_model=str(run_dir.resolve()))
+        if s.merge:
+            staged[MERGED_DIR] = claim.staging(MERGED_DIR)
+    if world > 1:  # the evaluation below reads rank 0's staging folders
+        staged = fabric.broadcast(staged, src=0)
+    fabric.barrier()
     if s.merge:
         tick = time.perf_counter()
         model.to(device)
@@ -351,12 +410,13 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                                 batch_size=cfg.data.batch_size, device=device, damp=s.damp, reduce=_reducer(fabric))
         model.to("cpu")
         restore_linear(model, lora, model.dtype)
+        model.to(device)
+        with torch.no_grad():
+            if not torch.isfinite(model(input_ids=probe.to(device)).logits).all():
+                raise _diverged("the merged model gives NaN/Inf logits", s)
+        model.to("cpu")
         if rank == 0:
-            staging = run_dir / f".{MERGED_DIR}.partial-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            write_merged(model, {**run.quantized, **merged}, staging, tokenizer, cfg.export)
-            shutil.rmtree(merged_dir, ignore_errors=True)
-            os.replace(staging, merged_dir)
+            write_merged(model, {**run.quantized, **merged}, staged[MERGED_DIR], tokenizer, cfg.export)
         fabric.barrier()
         del merged
         timings["merge_s"] = time.perf_counter() - tick
@@ -383,9 +443,11 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         section["eora"] = {"weighted_error_before": total_before, "weighted_error_after": total_after,
                            "modules_improved": sum(v["error_after"] < v["error_before"] for v in eora_stats.values())}
     if cfg.eval.enabled:
+        # Measured on the staged folders, through the loading path users take: a result that
+        # turns out non-finite is never published.
         tick = time.perf_counter()
         reference = reference_from_tensors(load_file(reference_file))
-        served = _for_evaluation(load_with_adapter(run_dir, adapter_dir, dtype=compute_dtype), device)
+        served = _for_evaluation(load_with_adapter(run_dir, staged[ADAPTER_DIR], dtype=compute_dtype), device)
         stride = settings.eval.stride
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                      desc="Perplexity after recovery", stride=stride)
@@ -394,13 +456,17 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
                 base = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                         desc="Perplexity after", stride=stride)
         del served
+        if _finite(base["ppl"]) and not _finite(recovered["ppl"]):
+            raise _diverged(f"the perplexity with the adapter is {recovered['ppl']} (without it {base['ppl']:.3f})", s)
         if s.merge:
             from fabricq.recovery.adapter import load_served
 
-            served = _for_evaluation(load_served(merged_dir, dtype=compute_dtype), device)
+            served = _for_evaluation(load_served(staged[MERGED_DIR], dtype=compute_dtype), device)
             after_merge = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                            desc="Perplexity after merge", stride=stride)
             del served
+            if _finite(base["ppl"]) and not _finite(after_merge["ppl"]):
+                raise _diverged(f"the merged model's perplexity is {after_merge['ppl']}", s)
             section.update(ppl_after_merge=after_merge["ppl"], kl_after_merge=after_merge["kl"],
                            ppl_merge_gap_closed=_gap(before["ppl"], base["ppl"], after_merge["ppl"]),
                            kl_merge_gap_closed=_gap(0.0, base["kl"], after_merge["kl"]))
@@ -414,19 +480,28 @@ def recover(run_dir: Path, cfg: DictConfig) -> dict:
         peaks.end("evaluation")
         section["peak_rss_eval_mib"] = peaks.peaks["evaluation"]  # the evaluation after recovery
     section["peak_rss_by_phase_mib"] = peaks.peaks
+    fabric.barrier()  # every rank is done with the staged folders
     if rank == 0:
-        report_path = run_dir / "report.json"
-        report = json.loads(report_path.read_text())
+        report = read_report(run_dir)
         report["recovery"] = section
-        tmp = report_path.with_name(".report.json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, report_path)
+        claim.publish(report)  # adapter (and merged model) swapped in, then report.json: strict JSON
         shutil.rmtree(work, ignore_errors=True)
     runtime.finish(fabric)
-    if "ppl_after_recovery" in section:
+    if _finite(section.get("ppl_after_recovery")):
         log.info("Recovery: perplexity %.3f → %.3f (before quantization %.3f), KL %.5f → %.5f; %s of the perplexity gap "
                  "closed", section["ppl_after"], section["ppl_after_recovery"], section["ppl_before"],
                  section["kl_after"], section["kl_after_recovery"],
                  "n/a" if section["ppl_gap_closed"] is None else f"{100 * section['ppl_gap_closed']:.1f}%")
     log.info("Wrote %s (recovery %.1f s, peak RSS %.0f MiB)", adapter_dir, wall, peak_before_eval)
     return section
+
+
+def read_report(run_dir: Path) -> dict:
+    """RUN_DIR's report.json as it is now (a JSON object, or a one-line error)."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError) as err:
+        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: report.json cannot be read ({err})") from None
+    if not isinstance(report, dict):
+        raise FabricqError(f"RUN_DIR {run_dir} is corrupted: report.json is not a JSON object")
+    return report
