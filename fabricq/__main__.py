@@ -19,15 +19,12 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException  # noqa: E402
 
+from fabricq.cli import debugging, fail  # noqa: E402
 from fabricq.config import recipe_spelling, unknown_key_message  # noqa: E402
 from fabricq.errors import FabricqError  # noqa: E402
+from fabricq.output import check_resume_has_output_dir  # noqa: E402
 
 DOCS_OVERRIDES = "https://hydra.cc/docs/advanced/override_grammar/basic"
-
-
-def fail(message: str) -> None:
-    print(f"fabricq: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -38,6 +35,7 @@ def _task(cfg: DictConfig) -> None:
     try:
         check_one_scheme(hydra.runtime.choices)
         settings = load_settings(cfg)  # before the heavy imports: a config error is reported at once
+        check_resume_has_output_dir(settings.resume, settings.output_dir, hydra_dir)
         import_without("lightning_fabric", ("torchmetrics",))  # before fabricq.runtime imports it
         import_without("transformers.modeling_utils", ("scipy",))  # before fabricq.models imports it
         from fabricq.app import run
@@ -47,6 +45,8 @@ def _task(cfg: DictConfig) -> None:
         if not run_multirun_job_in_subprocess(settings, hydra_dir, output_dir):
             run(cfg, output_dir, settings)
     except FabricqError as err:
+        if debugging():  # main() lets it through with its traceback
+            raise
         fail(f"{rank_label()}{err}")
     except Exception as err:
         _task_errors.append(err)  # not Hydra's: main() lets it through with its traceback
@@ -126,7 +126,7 @@ def main() -> None:
         _run_hydra(args=args, args_parser=parser, task_function=_task,
                    config_path="pkg://fabricq.conf", config_name="config")
     except (HydraException, OmegaConfBaseException) as err:
-        if err in _task_errors or os.environ.get("FABRICQ_DEBUG") == "1":
+        if err in _task_errors or debugging():
             raise
         fail(hydra_error_line(err))
     finally:

@@ -14,7 +14,6 @@ itself and moved into place complete; a non-empty DST is refused unless --overwr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from fabricq.cli import ArgumentParser, run_command
 from fabricq.errors import FabricqError
+from fabricq.output import OutputClaim, check_inputs_outside
 from fabricq.serving import EXPORT_DTYPES, FORMAT_ALIASES
 
 TARGETS = ("gptq", "compressed-tensors")
@@ -32,10 +33,13 @@ WEIGHT_FILES = ("config.json", "quantize_config.json", "model.safetensors.index.
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """The main command's output rules (fabricq.output): DST may not be, contain or lie inside
+    SRC, even with --overwrite; a non-empty DST only with --overwrite."""
+    check_inputs_outside(dst, {"the source SRC": src}, name="destination", overwrite="--overwrite")
+    if dst.is_symlink():  # replacing it would replace the link, not the folder it names
+        raise FabricqError(f"destination {dst} is a symbolic link (to {os.readlink(dst)}): pass the directory itself")
     if dst.exists() and not dst.is_dir():
         raise FabricqError(f"destination {dst} is a file, not a directory")
-    if dst.resolve() == src.resolve():
-        raise FabricqError("source and destination are the same directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise FabricqError(f"destination {dst} exists and is not empty: choose another directory or pass --overwrite")
 
@@ -104,10 +108,14 @@ def convert(src, dst, to: str, *, dtype: str = "auto", overwrite: bool = False) 
     if to == "gptq" and checkpoint.config.get("dtype") is None:
         checkpoint.config = {**checkpoint.config, "dtype": str(target_dtype).removeprefix("torch.")}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    # As the main command writes its output (fabricq.output): locked, written into a staging folder
+    # beside DST, swapped in complete; a crash leaves the old DST or the new one, never a mix.
+    claim = OutputClaim(dst, overwrite, writer=True)
+    claim.acquire()
+    failed = True
     try:
+        _check_destination(src, dst, overwrite)  # again, under the lock
+        staging = claim.new_staging()
         if to == "gptq":
             to_gptq(checkpoint, staging)
         else:
@@ -115,16 +123,15 @@ def convert(src, dst, to: str, *, dtype: str = "auto", overwrite: bool = False) 
         for file in sorted(src.iterdir()):
             if file.is_file() and file.suffix != ".safetensors" and file.name not in WEIGHT_FILES:
                 shutil.copy2(file, staging / file.name)
-        if dst.exists():
-            shutil.rmtree(dst) if any(dst.iterdir()) else dst.rmdir()
-        os.replace(staging, dst)
+        claim.publish(staging)
+        failed = False
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        claim.release(failed=failed)
     return dst
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fabricq.convert", description=__doc__.split("\n\n")[1])
+    parser = ArgumentParser(prog="python -m fabricq.convert", description=__doc__.split("\n\n")[1])
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--to", required=True, help="gptq | compressed-tensors")
@@ -133,13 +140,13 @@ def main(argv=None) -> int:
                              "compressed-tensors scales, which must be exact in it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite)
-    except FabricqError as err:
-        print(f"fabricq: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.dst} ({FORMAT_ALIASES.get(args.to, args.to)})")
-    return 0
+        print(f"wrote {args.dst} ({FORMAT_ALIASES.get(args.to, args.to)})")
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,11 @@ def _within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_inputs_outside(output_dir: Path, inputs: dict[str, Path | None]) -> None:
+def check_inputs_outside(output_dir: Path, inputs: dict[str, Path | None], *, name: str = "output_dir",
+                         overwrite: str = "overwrite=true") -> None:
     """output_dir may not equal, contain or lie inside an input (symlinks followed), nor contain
-    the current or home directory: publishing replaces output_dir as a whole."""
+    the current or home directory: publishing replaces output_dir as a whole. `name` and
+    `overwrite`: how the command calling it spells its output and its overwrite switch."""
     out = Path(output_dir).expanduser().resolve()
     for field, path in inputs.items():
         if path is None:
@@ -88,13 +90,13 @@ def check_inputs_outside(output_dir: Path, inputs: dict[str, Path | None]) -> No
         if _within(source, out) or _within(out, source):
             relation = "is" if out == source else ("contains" if _within(source, out) else "lies inside")
             raise FabricqError(
-                f"output_dir {output_dir} {relation} {field} ({source}): fabricq never writes over its "
-                "inputs, even with overwrite=true; choose an output_dir outside them"
+                f"{name} {output_dir} {relation} {field} ({source}): fabricq never writes over its "
+                f"inputs, even with {overwrite}; choose {'an' if name[0] in 'aeiou' else 'a'} {name} outside them"
             )
     for what, path in (("the current directory", Path.cwd()), ("the home directory", Path.home())):
         if _within(path.resolve(), out):
             raise FabricqError(
-                f"output_dir {output_dir} is or contains {what} ({path}): choose a directory of its own"
+                f"{name} {output_dir} is or contains {what} ({path}): choose a directory of its own"
             )
 
 
@@ -333,3 +335,22 @@ def releases_output_claims(run):
                 claim.release(failed=failed)
 
     return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules shared with the other commands and the resume setting
+# ---------------------------------------------------------------------------------------------
+
+
+def check_resume_has_output_dir(resume, output_dir: str | None, default_dir: Path) -> None:
+    """resume=true without output_dir: the run would write a new timestamped folder (Hydra's
+    outputs/DATE/TIME), which never holds a run to resume; unless `default_dir` (a fixed
+    hydra.run.dir) does hold one."""
+    if resume is not True or output_dir:
+        return
+    if (OutputClaim(default_dir, False, writer=False).work_dir / "run.json").is_file():
+        return
+    raise FabricqError(
+        "resume=true needs an explicit output_dir: without one every run writes to a new timestamped folder, "
+        "which has nothing to resume; pass the interrupted run's output_dir=... (or leave resume at auto)"
+    )
