@@ -9,6 +9,7 @@ with the command line's writer under the same output-directory rules (`fabricq.o
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -117,6 +118,16 @@ def calibration_windows(calibration_ids) -> tuple[torch.Tensor, torch.Tensor | N
 
 def causal_lm(module: nn.Module, what: str = "the model") -> nn.Module:
     """`module` if fabricq can quantize it (decoder layers holding Linear modules), else FabricqError."""
+    if isinstance(module, (str, os.PathLike)):
+        path = Path(module).expanduser()
+        where = ("a path that does not exist" if not path.exists() else
+                 "a folder: load it first" if path.is_dir() else "a file: load its model first")
+        raise FabricqError(f"{what} is the path {str(module)!r} ({where}): fabricq.quantize wants a loaded model, "
+                           "as AutoModelForCausalLM.from_pretrained(path) returns (or the command line: "
+                           "python -m fabricq model.path=PATH)")
+    if not isinstance(module, nn.Module):
+        raise FabricqError(f"{what} is of type {type(module).__name__}: fabricq.quantize wants a loaded model (a torch "
+                           "nn.Module, as AutoModelForCausalLM.from_pretrained(path) returns)")
     if type(module).__name__ == "_FabricModule":  # fabric.setup(model): its original module
         from lightning.fabric.wrappers import _unwrap_objects
 

@@ -220,15 +220,24 @@ def save_gptq_checkpoint(model, quantized: dict, output_dir: Path, tokenizer=Non
 
 def _scheme_for(name: str, qconfig: dict, actorder: str) -> QuantScheme | None:
     fields = {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")}
-    for pattern, override in (qconfig.get("dynamic") or {}).items():
+    dynamic = qconfig.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise FabricqError(f"quantization_config.dynamic must be an object of regex: overrides, got {dynamic!r}"[:300])
+    for pattern, override in dynamic.items():
         sign, regex = (pattern[0], pattern[2:]) if pattern[:2] in ("+:", "-:") else ("+", pattern)
-        if re.match(regex, name):
+        if not isinstance(override, dict):
+            raise FabricqError(f"quantization_config.dynamic[{pattern!r}] must be an object of fields, got {override!r}"[:300])
+        try:
+            matched = re.match(regex, name)
+        except re.error as err:
+            raise FabricqError(f"quantization_config.dynamic: {pattern!r} is not a valid regex ({err})") from None
+        if matched:
             if sign == "-":
                 return None
             fields.update({k: v for k, v in override.items() if k in fields})
             break
     for key, kind in (("bits", int), ("group_size", int), ("sym", bool), ("desc_act", bool)):
-        if not isinstance(fields[key], kind):
+        if not isinstance(fields[key], kind) or (kind is int and isinstance(fields[key], bool)):
             raise FabricqError(f"quantization_config.{key} of {name} must be {kind.__name__}, got {fields[key]!r}")
     try:
         return QuantScheme(fields["bits"], fields["group_size"], fields["sym"],
@@ -288,7 +297,8 @@ def read_gptq(tensors: dict[str, torch.Tensor], config: dict,
     Linear's (out, in) from the model config. Everything is checked against the config."""
     config = dict(config)
     qconfig = config.pop("quantization_config")
-    actorder = (qconfig.get("meta") or {}).get("fabricq_actorder", "none")
+    meta = qconfig.get("meta")
+    actorder = meta.get("fabricq_actorder", "none") if isinstance(meta, dict) else "none"
     if actorder not in ("none", "static"):
         actorder = "none"
     quantized = {}

@@ -12,7 +12,6 @@ format, a config that does not match the tensors).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fabricq.cli import ArgumentParser, json_type, read_json_object, run_command
 from fabricq.errors import FabricqError
 from fabricq.gptq_format import QuantizedCheckpoint, expect_tensor, read_gptq
 from fabricq.quant.gptq import QuantizedWeight
@@ -50,12 +50,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FabricqError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise FabricqError(f"{path} is not valid JSON: {err}") from None
+    return read_json_object(path)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -68,6 +63,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         weight_map = _read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise FabricqError(f"{index_path} has no weight_map")
+        for name, filename in weight_map.items():
+            if not isinstance(filename, str) or Path(filename).name != filename or filename in ("", ".", ".."):
+                raise FabricqError(f"{index_path}: the weight_map puts {name} in {filename!r}, not the name of a file "
+                                   "beside it")
         files = sorted(set(weight_map.values()))
     else:
         weight_map, files = None, ["model.safetensors"]
@@ -92,19 +91,75 @@ def meta_model(config: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    check_model_type(plain.get("model_type"))
     try:
         model_config = AutoConfig.for_model(**plain)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(model_config)
-    except (ValueError, KeyError, TypeError) as err:
-        raise FabricqError(f"config.json does not describe a model transformers can build: {err}") from None
+    except Exception as err:  # noqa: BLE001 - transformers raises whatever a field's wrong value causes
+        raise FabricqError(f"config.json does not describe a model transformers can build: {_short(err)}") from None
+
+
+def check_model_type(model_type) -> None:
+    """config.json's model_type must name a causal LM this transformers knows; the message names
+    the closest known types (transformers' own lists every one it has: 12 KB)."""
+    import difflib
+
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or not model_type:
+        raise FabricqError(f"config.json: model_type must name a model architecture (as \"llama\"), got {model_type!r}")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
+        raise FabricqError(f"config.json: model_type {model_type!r} is not one transformers {transformers.__version__} "
+                           f"knows{' (closest: ' + ', '.join(close) + ')' if close else ''}")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FabricqError(f"config.json: model_type {model_type!r} is not a causal language model "
+                           "(transformers has no AutoModelForCausalLM class for it)")
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_config_groups(qconfig: dict) -> dict:
+    """quantization_config.config_groups as compressed-tensors writes it: {name: {"targets": [str],
+    "weights": {...} or null}}, every "re:" target a valid regex; anything else a FabricqError."""
+    import re
+
+    groups = qconfig.get("config_groups")
+    if groups is None:
+        return {}
+    if not isinstance(groups, dict):
+        raise FabricqError(f"quantization_config.config_groups is a JSON {json_type(groups)}, not an object of "
+                           "config groups")
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, dict):
+            raise FabricqError(f"{where} is a JSON {json_type(group)}, not an object with targets and weights")
+        targets = group.get("targets")
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise FabricqError(f"{where}.targets must be a list of module names or re: patterns, got {targets!r}"[:300])
+        for target in targets:
+            if target.startswith("re:"):
+                try:
+                    re.compile(target[3:])
+                except re.error as err:
+                    raise FabricqError(f"{where}.targets: {target!r} is not a valid regex ({err})") from None
+        if not isinstance(group.get("weights"), (dict, type(None))):
+            raise FabricqError(f"{where}.weights is a JSON {json_type(group['weights'])}, not an object")
+    return {name: {**group, "weights": group.get("weights")} for name, group in groups.items()}
 
 
 def _ct_args(module: str, qconfig: dict) -> QuantScheme:
     from fabricq.export import _weights_for
 
     try:
-        args = _weights_for(module, qconfig.get("config_groups") or {})
+        args = _weights_for(module, check_config_groups(qconfig))
     except ValueError as err:
         raise FabricqError(str(err)) from None
     if not isinstance(args, dict):
@@ -112,13 +167,16 @@ def _ct_args(module: str, qconfig: dict) -> QuantScheme:
     if args.get("type", "int") != "int" or args.get("strategy") not in ("group", "channel"):
         raise FabricqError(f"quantization_config weights for {module}: type {args.get('type')!r} strategy "
                            f"{args.get('strategy')!r} is not an integer group/channel scheme fabricq reads")
-    if args.get("num_bits") not in SUPPORTED_BITS:
+    if args.get("num_bits") not in SUPPORTED_BITS or isinstance(args.get("num_bits"), bool):
         raise FabricqError(f"quantization_config weights for {module}: num_bits {args.get('num_bits')!r} "
                            f"not one of {SUPPORTED_BITS}")
-    if args.get("actorder") not in CT_ACTORDER:
+    if not isinstance(args.get("actorder"), (str, type(None))) or args.get("actorder") not in CT_ACTORDER:
         raise FabricqError(f"quantization_config weights for {module}: unknown actorder {args.get('actorder')!r}")
+    if not isinstance(args.get("symmetric", True), bool):
+        raise FabricqError(f"quantization_config weights for {module}: symmetric must be true or false, "
+                           f"got {args.get('symmetric')!r}")
     group = -1 if args["strategy"] == "channel" else args.get("group_size")
-    if not isinstance(group, int) or group == 0 or group < -1:
+    if not isinstance(group, int) or isinstance(group, bool) or group == 0 or group < -1:
         raise FabricqError(f"quantization_config weights for {module}: bad group_size {group!r}")
     return QuantScheme(args["num_bits"], group, bool(args.get("symmetric", True)), CT_ACTORDER[args.get("actorder")])
 
@@ -179,7 +237,9 @@ def read_compressed(tensors: dict, config: dict, shapes: dict) -> QuantizedCheck
 
 def detect_format(config: dict) -> str:
     qconfig = config.get("quantization_config")
-    if not isinstance(qconfig, dict):
+    if qconfig is not None and not isinstance(qconfig, dict):
+        raise FabricqError(f"config.json: quantization_config is a JSON {json_type(qconfig)}, not an object")
+    if not qconfig:
         raise FabricqError("config.json has no quantization_config: not a quantized checkpoint")
     method = qconfig.get("quant_method")
     if method == "compressed-tensors":
@@ -304,24 +364,24 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fabricq.inspect", description=__doc__.split("\n\n")[1])
+    parser = ArgumentParser(prog="python -m fabricq.inspect", description=__doc__.split("\n\n")[1])
     parser.add_argument("checkpoint")
     parser.add_argument("--engine", choices=ENGINES[1:], help="only this engine's verdict (exit 1 if it fails)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check shards for")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.tp < 1:
             raise FabricqError(f"--tp must be a positive integer, got {args.tp}")
         report = inspect_checkpoint(args.checkpoint, [args.engine] if args.engine else None, args.tp)
-    except FabricqError as err:
-        print(f"fabricq: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({**report, "verdicts": [v.__dict__ for v in report["verdicts"]]}, indent=2))
-    else:
-        print(format_report(report))
-    return 1 if args.engine and report["verdicts"][0].level == "fails" else 0
+        if args.json:
+            print(json.dumps({**report, "verdicts": [v.__dict__ for v in report["verdicts"]]}, indent=2))
+        else:
+            print(format_report(report))
+        return 1 if args.engine and report["verdicts"][0].level == "fails" else 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

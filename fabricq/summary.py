@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
+from fabricq.cli import ArgumentParser, run_command
+from fabricq.errors import FabricqError
 from fabricq.report_card import (
     MIB,
     effective_group_sizes,
@@ -85,9 +87,12 @@ def flat_config(folder: Path) -> dict[str, str]:
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            flat[prefix.rstrip(".")] = json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+            flat[prefix.rstrip(".")] = json.dumps(node, default=str) if isinstance(node, (list, dict)) else str(node)
 
-    walk(yaml.safe_load(path.read_text()) or {}, "")
+    try:
+        walk(yaml.safe_load(path.read_bytes().decode("utf-8")) or {}, "")
+    except (ValueError, yaml.YAMLError):  # not text, or not YAML: the job's settings are unknown
+        return {}
     flat.pop("output_dir", None)  # differs by construction
     return flat
 
@@ -106,9 +111,12 @@ def collect_jobs(sweep_dir: Path, started: set[int] | None = None) -> list[Sweep
         report = job.folder / "report.json"
         if report.is_file():
             try:
-                job.report = json.loads(report.read_text())
-            except ValueError:  # a report cut short (disk full): the job did not finish cleanly
+                job.report = summary_fields(json.loads(report.read_bytes().decode("utf-8")))
+            except ValueError:  # a report cut short (disk full), or not text: the job did not finish cleanly
                 job.status = "failed (unreadable report.json)"
+            else:
+                if job.report is None:
+                    job.status = "failed (report.json is not a JSON object)"
         elif started is not None and num not in started:
             job.status = "not run"
         else:
@@ -118,6 +126,33 @@ def collect_jobs(sweep_dir: Path, started: set[int] | None = None) -> list[Sweep
         for job in jobs:
             job.overrides = flat_config(job.folder)
     return jobs
+
+
+def _number(value) -> int | float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summary_fields(report) -> dict | None:
+    """The fields of a job's report.json the summary reads, each of the type it needs (a field of
+    another type reads as absent: "—"); None when the report is not a JSON object."""
+    if not isinstance(report, dict):
+        return None
+
+    def section(name: str) -> dict:
+        value = report.get(name)
+        return value if isinstance(value, dict) else {}
+
+    scheme, size = section("scheme"), section("size_on_disk")
+    modules = {name: {"group_size": stats["group_size"]} for name, stats in section("modules").items()
+               if isinstance(stats, dict) and type(stats.get("group_size")) is int}
+    return {
+        "method": report["method"] if isinstance(report.get("method"), str) else None,
+        "scheme": {key: scheme[key] for key in ("bits", "group_size") if type(scheme.get(key)) is int},
+        "size_on_disk": {key: size[key] for key in ("checkpoint_bytes", "original_bytes")
+                         if type(size.get(key)) is int and size[key] > 0},
+        "modules": modules,
+        **{key: _number(report.get(key)) for key in ("ppl_before", "ppl_after", "kl_after", "wall_s", "peak_rss_mib")},
+    }
 
 
 def differing_keys(jobs: list[SweepJob]) -> list[str]:
@@ -324,25 +359,25 @@ def summarize_interrupted_sweep() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fabricq.summary", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m fabricq.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun directory, e.g. multirun/2025-01-01_12-00-00")
     args = parser.parse_args(argv)
-    sweep_dir = Path(args.sweep_dir)
-    if not sweep_dir.is_dir():
-        print(f"fabricq: error: {sweep_dir} is not a directory", file=sys.stderr)
-        return 2
-    if not (sweep_dir / "multirun.yaml").is_file() and not any(
-            p.is_dir() and p.name.isdigit() for p in sweep_dir.iterdir()):
-        print(f"fabricq: error: {sweep_dir} holds no multirun.yaml and no numbered job folders: "
-              "pass a `python -m fabricq -m` sweep directory (multirun/DATE)", file=sys.stderr)
-        return 2
-    import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_summary(sweep_dir)
-    return 0
+    def body() -> int:
+        sweep_dir = Path(args.sweep_dir)
+        if not sweep_dir.is_dir():
+            raise FabricqError(f"{sweep_dir} is not a directory")
+        if not (sweep_dir / "multirun.yaml").is_file() and not any(
+                p.is_dir() and p.name.isdigit() for p in sweep_dir.iterdir()):
+            raise FabricqError(f"{sweep_dir} holds no multirun.yaml and no numbered job folders: "
+                               "pass a `python -m fabricq -m` sweep directory (multirun/DATE)")
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        write_summary(sweep_dir)
+        return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
