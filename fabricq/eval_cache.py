@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fabricq.checksums import tensors_sha256
 from fabricq.evaluate import (
     EVALUATOR_VERSION,
     POSITION_CHUNK,
@@ -57,13 +58,7 @@ def reference_key(model_identity: dict, windows: torch.Tensor, *, stride: int | 
     }
 
 
-def _content_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+_content_sha256 = tensors_sha256  # the same checksum the resume state carries (fabricq.checksums)
 
 
 class ReferenceCache:

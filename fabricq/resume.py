@@ -12,7 +12,10 @@ Layout of `<parent>/.<output name>.work/` (a hidden name: it never looks like a 
     lock.rank0                    held (flock) by the running process of rank 0
 
 Every file is written under a temporary name and renamed; a layer counts as finished for a rank
-only once its state file exists, which is written last. A resumed run loads the quantized results
+only once its state file exists, which is written last. Every file carries the sha256 of its
+content (safetensors metadata, a "sha256" field of the JSON files: fabricq.checksums), verified
+when a resume reads it: a damaged file stops the run with one line naming it and offering
+resume=false, never a silently different checkpoint. A resumed run loads the quantized results
 of layers 0…k into the freshly loaded model, rebuilds the per-batch keyword arguments (position
 embeddings: cheap, deterministic) and continues at layer k+1 from the saved hidden states, so its
 checkpoint is bit-identical to an uninterrupted run's (same machine, same thread count).
@@ -34,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fabricq.calibration.cache import ActivationCache, Stage
+from fabricq.checksums import json_sha256, tensors_sha256, with_json_sha256
 from fabricq.errors import FabricqError
 from fabricq.models import ModelSource
 from fabricq.output import apply_umask
@@ -43,7 +47,7 @@ from fabricq.quant.packing import pack_int32, unpack_int32
 
 log = logging.getLogger("fabricq")
 
-FORMAT = 1
+FORMAT = 2  # 2: every file checksummed
 # Fields that cannot change the checkpoint: a run may be resumed with other values.
 IGNORED_FIELDS = ("output_dir", "overwrite", "resume", "cache", "eval", "distributed", "pipeline.solve_threads",
                   "model.path")
@@ -111,8 +115,52 @@ def _differences(old, new, prefix="") -> list[str]:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(with_json_sha256(data), indent=1))
     os.replace(tmp, path)
+
+
+def damaged(path: Path, why: str) -> FabricqError:
+    """The one-line error for a resume file that is not what was written."""
+    return FabricqError(f"the resume state {path} is damaged ({why}): pass resume=false to discard the unfinished "
+                        "run and start over")
+
+
+def _read_json(path: Path, expect_format: int | None = None) -> dict:
+    """A JSON file of the work directory, checked against its checksum (`expect_format`: run.json's
+    format, checked first: an older fabricq's files have no checksums)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise damaged(path, "missing") from None
+    except ValueError as err:  # not UTF-8, not JSON (cut short)
+        raise damaged(path, f"not valid JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise damaged(path, "not a JSON object")
+    if expect_format is not None and data.get("format") != expect_format:
+        raise FabricqError(
+            f"{path.parent} holds an unfinished run written by another fabricq version (resume format "
+            f"{data.get('format')!r}, this one reads {expect_format}): pass resume=false to discard it and start over"
+        )
+    if "sha256" not in data:
+        raise damaged(path, "no checksum")
+    if data["sha256"] != json_sha256(data):
+        raise damaged(path, "its content does not match its sha256 checksum")
+    return data
+
+
+def check_hidden_file(path: Path) -> None:
+    """A saved batch of hidden states must hold what was written (calibration.cache.write_hidden
+    stores its checksum beside it)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file raises whatever safetensors raises
+        raise damaged(path, f"unreadable: {' '.join(str(err).split())[:200]}") from None
+    if expected is None:
+        raise damaged(path, "no checksum")
+    if list(tensors) != ["hidden"] or tensors_sha256(tensors) != expected:
+        raise damaged(path, "its content does not match its sha256 checksum")
 
 
 class WorkDirectory:
@@ -151,8 +199,12 @@ class WorkDirectory:
             raise FabricqError(f"resume=true but there is no unfinished run to resume in {self.path}")
         if progress and mode is not False:
             self._lock()
-            old = json.loads(run_file.read_text())
-            if old.get("format") != FORMAT or old.get("identity_sha256") != _identity_hash(identity):
+            try:
+                old = _read_json(run_file, expect_format=FORMAT)
+            except FabricqError:
+                self.close()  # refused: the lock is not this run's to keep
+                raise
+            if old.get("identity_sha256") != _identity_hash(identity):
                 diff = _differences(old.get("identity", {}), identity)
                 what = ("a different model" if any(d.startswith("model.") for d in diff) else
                         "different calibration data" if any(d.startswith("data_sha256") for d in diff) else
@@ -263,7 +315,7 @@ class WorkDirectory:
     def restore(self, layer: int, model, gptq, cache: ActivationCache) -> Stage | None:
         """Load layers 0…`layer` into `model` and `gptq`; restore RNG; the hidden states entering
         layer+1 as a cache stage reading the saved files (None if none were saved)."""
-        state = json.loads(self._state_file(layer).read_text())
+        state = _read_json(self._state_file(layer))
         if state["threads"] != torch.get_num_threads():
             log.warning("Resuming with %d threads where the run used %d: results may differ in the last bits",
                         torch.get_num_threads(), state["threads"])
@@ -278,10 +330,13 @@ class WorkDirectory:
             )
         if not state["batches"]:
             return None
-        stage = cache.new_stage()
-        stage.adopt_files(sorted(self._hidden_dir(layer).glob("b*.safetensors")))
-        if len(stage) != state["batches"]:
+        files = sorted(self._hidden_dir(layer).glob("b*.safetensors"))
+        if len(files) != state["batches"]:
             raise FabricqError(f"{self._hidden_dir(layer)} is incomplete: pass resume=false to start over")
+        for file in files:
+            check_hidden_file(file)
+        stage = cache.new_stage()
+        stage.adopt_files(files)
         return stage
 
 
@@ -298,24 +353,35 @@ def save_results(path: Path, results: dict[str, tuple[QuantizedWeight, dict]]) -
         for part in ("scale", "zero", "g_idx"):
             tensors[f"{name}.{part}"] = getattr(qw, part).detach().to("cpu").contiguous()
         meta[name] = {"scheme": asdict(qw.scheme), "info": qw.info, "stats": stats}
+    modules = json.dumps(meta)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"modules": json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata={"modules": modules, "sha256": tensors_sha256(tensors, modules)})
     apply_umask(tmp)
     os.replace(tmp, path)
 
 
 def load_results(path: Path) -> dict[str, tuple[QuantizedWeight | PackedQuantizedWeight, dict]]:
-    """The results of one layer file, in the form a run holds them (packed below 8 bits)."""
+    """The results of one layer file, in the form a run holds them (packed below 8 bits), checked
+    against the checksum `save_results` stored."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file raises whatever safetensors raises
+        raise damaged(path, f"unreadable: {' '.join(str(err).split())[:200]}") from None
+    if "sha256" not in metadata or "modules" not in metadata:
+        raise damaged(path, "no checksum")
+    if tensors_sha256(tensors, metadata["modules"]) != metadata["sha256"]:
+        raise damaged(path, "its content does not match its sha256 checksum")
     out = {}
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["modules"])
-        for name, m in meta.items():
-            scheme = QuantScheme(**m["scheme"])
-            parts = {p: f.get_tensor(f"{name}.{p}") for p in ("scale", "zero", "g_idx")}
-            packed, columns = f.get_tensor(f"{name}.codes_packed"), parts["g_idx"].numel()
-            if scheme.bits < 8:
-                qw = PackedQuantizedWeight(packed, columns, **parts, scheme=scheme, info=m["info"])
-            else:
-                qw = QuantizedWeight(unpack_int32(packed, scheme.bits, columns), **parts, scheme=scheme, info=m["info"])
-            out[name] = (qw, m["stats"])
+    meta = json.loads(metadata["modules"])
+    for name, m in meta.items():
+        scheme = QuantScheme(**m["scheme"])
+        parts = {p: tensors[f"{name}.{p}"] for p in ("scale", "zero", "g_idx")}
+        packed, columns = tensors[f"{name}.codes_packed"], parts["g_idx"].numel()
+        if scheme.bits < 8:
+            qw = PackedQuantizedWeight(packed, columns, **parts, scheme=scheme, info=m["info"])
+        else:
+            qw = QuantizedWeight(unpack_int32(packed, scheme.bits, columns), **parts, scheme=scheme, info=m["info"])
+        out[name] = (qw, m["stats"])
     return out

@@ -179,7 +179,8 @@ def test_an_unknown_work_format_is_refused(tmp_path):
     path = committed(tmp_path / "w").path
     run = json.loads((path / "run.json").read_text())
     (path / "run.json").write_text(json.dumps({**run, "format": 0}))
-    with pytest.raises(FabricqError, match=r"unfinished run of a different config \(unknown format\)"):
+    with pytest.raises(FabricqError, match=r"unfinished run written by another fabricq version \(resume format 0, "
+                                           r"this one reads 2\): pass resume=false"):
         WorkDirectory(path).prepare("auto", IDENTITY)
 
 
@@ -243,7 +244,9 @@ def test_hidden_states_replace_a_stale_snapshot_and_restore_checks_the_count(tmp
 def test_restore_warns_when_the_thread_count_changed(tmp_path, caplog):
     work = committed(tmp_path / "w")
     state = work.path / "state" / "L00000.rank0.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "threads": torch.get_num_threads() + 3}))
+    from fabricq.resume import _write_json  # with its checksum: the run wrote it so
+
+    _write_json(state, {**json.loads(state.read_text()), "threads": torch.get_num_threads() + 3})
     model = torch.nn.Module()
     model.m = torch.nn.Linear(32, 6)
 

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fabricq.checksums import tensors_sha256
 from fabricq.errors import FabricqError
 from fabricq.sysmem import current_rss_bytes
 from fabricq.calibration.transfer import Prefetcher, TransferStream
@@ -169,11 +170,13 @@ _SAFETENSORS_DTYPES = {
 
 def write_hidden(path: Path, tensor: torch.Tensor) -> None:
     """One batch to a safetensors file, under a temporary name first (a half-written file is
-    never mistaken for a whole one); a full disk becomes a clear error."""
+    never mistaken for a whole one), with the sha256 of its content in the metadata (a resume
+    verifies it: fabricq.resume); a full disk becomes a clear error."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"hidden": tensor.detach().to("cpu").contiguous()}, str(tmp))
+        hidden = {"hidden": tensor.detach().to("cpu").contiguous()}
+        save_file(hidden, str(tmp), metadata={"sha256": tensors_sha256(hidden)})
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
