@@ -17,6 +17,7 @@ per copy.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from fabricq.errors import FabricqError
 
 FORMAT = 1
+log = logging.getLogger("fabricq")
 
 
 def windows_digest(windows: torch.Tensor) -> str:
@@ -123,12 +125,22 @@ def compute_teacher(model, windows: torch.Tensor, *, k: int, temperature: float,
     return TeacherTargets(indices, logprobs, rest, float(temperature), windows_digest(windows))
 
 
+def _content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        sha.update(name.encode())
+        sha.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
 def save_teacher(targets: TeacherTargets, path: Path) -> None:
     path = Path(path)
-    meta = {"format": str(FORMAT), "temperature": repr(targets.temperature), "digest": targets.digest}
+    tensors = {"indices": targets.indices.contiguous(), "logprobs": targets.logprobs.contiguous(),
+               "rest": targets.rest.contiguous()}
+    meta = {"format": str(FORMAT), "temperature": repr(targets.temperature), "digest": targets.digest,
+            "sha256": _content_sha256(tensors)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"indices": targets.indices.contiguous(), "logprobs": targets.logprobs.contiguous(),
-               "rest": targets.rest.contiguous()}, tmp, metadata=meta)
+    save_file(tensors, tmp, metadata=meta)
     tmp.replace(path)
 
 
@@ -145,7 +157,10 @@ def load_teacher(path: Path) -> TeacherTargets | None:
         tensors = load_file(path)
     except Exception:  # noqa: BLE001 - a torn or foreign file: recompute rather than fail
         return None
-    if meta.get("format") != str(FORMAT):
+    if meta.get("format") != str(FORMAT) or meta.get("sha256") != _content_sha256(tensors):
+        if meta.get("sha256"):
+            log.warning("Recomputing the teacher's targets: %s is damaged (its content no longer matches its sha256)",
+                        path)
         return None
     return TeacherTargets(tensors["indices"], tensors["logprobs"], tensors["rest"], float(meta["temperature"]),
                           meta["digest"])

@@ -19,8 +19,10 @@ neither checkpointed nor returned.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -92,7 +94,9 @@ class RecoveryObjective(nn.Module):
 
 
 class CheckpointStore:
-    """`step-NNNNNN.pt` files in one folder; the newest complete one wins."""
+    """`step-NNNNNN.pt` files in one folder; the newest complete one wins. Each is written under a
+    temporary name and renamed (a killed save leaves no torn checkpoint), with the sha256 of its
+    bytes beside it (`step-NNNNNN.pt.sha256`), checked before it is resumed from."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -104,9 +108,30 @@ class CheckpointStore:
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:06d}.pt"
 
-    def prune(self, keep: Path) -> None:
-        for old in self.folder.glob("step-*.pt"):
-            if old != keep:
+    @staticmethod
+    def digest_path(path: Path) -> Path:
+        return path.with_name(path.name + ".sha256")
+
+    @staticmethod
+    def digest(path: Path) -> str:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        return sha.hexdigest()
+
+    def intact(self, path: Path) -> bool | None:
+        """True: the bytes are those written; False: they changed since; None: no digest (a
+        checkpoint of an earlier release, or its digest lost)."""
+        try:
+            want = self.digest_path(path).read_text().strip()
+        except OSError:
+            return None
+        return self.digest(path) == want
+
+    def prune(self, keep: Path | None) -> None:
+        for old in [*self.folder.glob("step-*.pt"), *self.folder.glob("step-*.pt.sha256"), *self.folder.glob(".step-*")]:
+            if keep is None or old not in (keep, self.digest_path(keep)):
                 old.unlink(missing_ok=True)
 
 
@@ -144,7 +169,11 @@ def _resume(fabric, store: CheckpointStore, identity: str, optimizer, scheduler,
     latest = store.latest()
     if latest is None:
         return fresh
-    if _identity_of(latest) != identity:
+    intact = store.intact(latest)
+    if intact is False:
+        raise FabricqError(f"the recovery checkpoint {latest} is damaged: its bytes no longer match the sha256 written "
+                           "with it; pass resume=false to start the recovery over")
+    if intact is None or _identity_of(latest) != identity:
         log.warning("Ignoring %s: a checkpoint of other recovery settings; starting over", latest)
         fabric.barrier()  # every rank has looked at it before it goes
         if fabric.global_rank == 0:
@@ -162,13 +191,19 @@ def _resume(fabric, store: CheckpointStore, identity: str, optimizer, scheduler,
 def _save(fabric, store: CheckpointStore, step: int, state: dict) -> None:
     """Rank 0 writes (Fabric's save), then only the newest checkpoint is kept."""
     path = store.path_for(step)
+    tmp = path.with_name(f".{path.name}.tmp")
     if fabric.global_rank == 0:
         store.folder.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
-    fabric.save(path, state)
+    fabric.save(tmp, state)
     fabric.barrier()
     if fabric.global_rank == 0:
+        digest = store.digest_path(path)
+        digest.with_name(f".{digest.name}.tmp").write_text(store.digest(tmp) + "\n")
+        os.replace(digest.with_name(f".{digest.name}.tmp"), digest)
+        os.replace(tmp, path)
         store.prune(path)
+    fabric.barrier()  # the checkpoint is in place before any rank goes on
 
 
 @dataclass
