@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fabricq.cli import debugging, os_error_message
 from fabricq.errors import FabricqError
 
 log = logging.getLogger("fabricq")
@@ -84,6 +85,11 @@ def compose_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         with initialize_config_dir(version_base=None, config_dir=_conf_dir()):
             composed = compose(config_name="config", overrides=overrides)
     except Exception as err:  # hydra's ConfigCompositionException and friends
+        options = getattr(err, "options", None)
+        missing = getattr(err, "missing_cfg_file", None) or ""
+        if options and missing.startswith("recovery/"):
+            raise FabricqError(f"+recovery={missing.removeprefix('recovery/')}: there is no such recovery config "
+                               f"(available: {', '.join(sorted(options))})") from None
         raise FabricqError(f"bad override: {str(err).splitlines()[0]}") from None
     try:
         cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=True))
@@ -130,10 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     from fabricq.runtime import rank_label
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return
     positional = [a for a in args if "=" not in a and not a.startswith("-")]
     overrides = [a for a in args if a not in positional]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
+        options = [a for a in overrides if a.startswith("-") and "=" not in a]
+        if options:
+            raise FabricqError(f"unknown option {options[0]}: fabricq.recover takes RUN_DIR and key=value overrides "
+                               f"({USAGE})")
         if len(positional) != 1:
             raise FabricqError(f"expected one RUN_DIR, got {len(positional)} ({USAGE})")
         run_dir = Path(positional[0]).expanduser()
@@ -148,39 +161,36 @@ def main(argv: list[str] | None = None) -> None:
 
         recover(run_dir, cfg)
     except FabricqError as err:
-        if os.environ.get("FABRICQ_DEBUG") == "1":
+        if debugging():
             raise
         print(f"fabricq: error: {rank_label()}{err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        print(f"fabricq: error: {rank_label()}interrupted: nothing was published; rerun the same command to continue "
+              "from the last recovery checkpoint", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         # What the user's system refuses (permissions, a full disk, a read-only file system): one
-        # line that names the path; anything else is a bug and keeps its traceback.
+        # line that names the path, as every fabricq command says it (fabricq.cli); anything else
+        # is a bug and keeps its traceback.
         from fabricq.output import out_of_space
 
-        user = out_of_space(err) or (isinstance(err, OSError) and err.errno in USER_ERRNOS)
-        if os.environ.get("FABRICQ_DEBUG") == "1" or not user:
+        if debugging():
             raise
-        print(f"fabricq: error: {rank_label()}{os_error_line(err)}", file=sys.stderr)
+        if isinstance(err, OSError) and err.errno in USER_ERRNOS:
+            message = os_error_message(err)
+        elif out_of_space(err):  # a library's own error type around ENOSPC (safetensors, torch.save)
+            message = "no space left on device: free space and rerun (the recovery resumes from its last checkpoint)"
+        else:
+            raise
+        print(f"fabricq: error: {rank_label()}{message}", file=sys.stderr)
         sys.exit(2)
 
 
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP,
                errno.ENOTDIR, errno.EISDIR}
-
-
-def os_error_line(err: Exception) -> str:
-    from fabricq.output import out_of_space
-
-    where = " → ".join(str(f) for f in (getattr(err, "filename", None), getattr(err, "filename2", None)) if f)
-    what = getattr(err, "strerror", None) or str(err).splitlines()[0]
-    if out_of_space(err):
-        advice = "free space and rerun (the recovery resumes from its last checkpoint)"
-    else:
-        advice = ("fabricq.recover reads the run's files and model, and writes its lock and work folder beside RUN_DIR "
-                  "and the adapter inside it: check those permissions")
-    return f"{what}{f': {where}' if where else ''}: {advice}"
-
-
 
 
 if __name__ == "__main__":

@@ -270,7 +270,9 @@ def _finite(value) -> bool:
 def recover(run_dir: Path, cfg: DictConfig) -> dict:
     """Recover the output in `run_dir` as `cfg.recovery` says; returns its report section."""
     start = time.perf_counter()
-    run_dir = Path(run_dir)
+    # Through a symbolic link too, the lock, the work folder and the published paths are those
+    # of the folder itself: a second recovery by another spelling of the path is refused.
+    run_dir = Path(run_dir).expanduser().resolve()
     settings = load_settings(cfg)  # the run's config and the recovery section, every field checked
     s = recovery_plan(settings)
     check_run_dir(run_dir)

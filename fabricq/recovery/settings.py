@@ -102,7 +102,11 @@ def check_recovery_text(settings) -> None:
     path = settings.recovery.data.path
     if path is None or settings.recovery.steps == 0:  # eora trains on nothing: the path is not read
         return
-    check_text_path(path, "recovery.data.path")
+    try:
+        check_text_path(path, "recovery.data.path")
+    except FabricqError as err:
+        message = str(err)
+        raise FabricqError(message if "recovery.data.path" in message else f"recovery.data.path: {message}") from None
     ev = settings.eval
     if ev.enabled and ev.path is not None and Path(path).expanduser().resolve() == Path(ev.path).expanduser().resolve():
         raise FabricqError(f"recovery.data.path is the evaluation text ({ev.path}): recover on other text")
