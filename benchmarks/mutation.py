@@ -10,8 +10,10 @@
 mutmut rewrites a package in place under `mutants/` and imports it from there, so this script
 copies what the tests need into a scratch folder beside nothing of the checkout's: `fabricq/`,
 `tests/`, `pyproject.toml`, and `conf/` as `fabricq/conf` (the package-dir mapping of the wheel,
-which a plain folder on sys.path does not have). `../shared` is linked beside the copy so the
-tests that use the tiny model find it. Mutants run in forked children (torch imported once), each
+which a plain folder on sys.path does not have) and as `conf/` (tests compose from the checkout's
+conf/; mutmut copies it into `mutants/` with the tests). `../shared` is linked beside the copy and
+inside it (mutmut runs the tests from `repo/mutants/`, whose parent is `repo/`) so the tests that
+use the tiny model find it instead of skipping. Mutants run in forked children (torch imported once), each
 against only the selected tests that reach the mutated function. `--sample N` runs a seeded
 random N of the module's mutants; the JSON lists every result with mutmut's name, so
 `mutmut show NAME` in the scratch folder prints a mutant's diff. `--rerun PREVIOUS` runs only the
@@ -120,16 +122,23 @@ def scratch_copy(scratch: Path) -> Path:
     for name in ("fabricq", "tests"):
         shutil.copytree(REPO / name, repo / name, ignore=ignore)
     shutil.copytree(REPO / "conf", repo / "fabricq" / "conf", ignore=ignore)
+    # Also at the top, as in the checkout: tests compose from REPO_ROOT/conf (tests/in_process.py).
+    shutil.copytree(REPO / "conf", repo / "conf", ignore=ignore)
     shutil.copy(REPO / "pyproject.toml", repo / "pyproject.toml")
-    shared = scratch / "shared"
-    if not shared.exists() and (REPO.parent / "shared").exists():
-        shared.symlink_to(REPO.parent / "shared")
+    # mutmut runs the tests from repo/mutants/ (REPO_ROOT there), so ../shared is repo/shared;
+    # scratch/shared serves the stats pass run from repo/.
+    if (REPO.parent / "shared").exists():
+        for shared in (scratch / "shared", repo / "shared"):
+            if not shared.exists():
+                shared.symlink_to(REPO.parent / "shared")
     return repo
 
 
 def write_config(repo: Path, module: str, tests: list[str]) -> None:
     lines = ["[mutmut]", "source_paths = fabricq", f"only_mutate = {module}",
              "do_not_mutate = fabricq/conf/*",
+             # into repo/mutants/, where the tests run, beside tests/ (which mutmut copies itself)
+             "also_copy =", "    conf",
              # One process, no xdist: mutmut collects which test reaches which function in-process.
              "pytest_add_cli_args =", "    -n", "    0", "    -p", "    no:cacheprovider",
              "pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests]

@@ -77,13 +77,17 @@ def integer(minimum: int, what: str, also: tuple[int, ...] = (), maximum: int | 
     return check
 
 
-def number(what: str, above: float | None = None, at_least: float | None = None, below: float | None = None) -> Check:
-    """A finite int or float in the given bounds (`above`/`below` exclusive, `at_least` inclusive)."""
+def number(what: str, above: float | None = None, at_least: float | None = None, below: float | None = None,
+           maximum: int | None = None, why: str = "") -> Check:
+    """A finite int or float in the given bounds (`above`/`below` exclusive, `at_least` inclusive;
+    `maximum`, inclusive, with its own message: a limit of what uses the value, not of its meaning)."""
     def check(value, key):
         ok = type(value) in (int, float) and math.isfinite(value)
         ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
         if not (ok and (below is None or value < below)):
             raise FabricqError(f"{key} must be {what}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise FabricqError(f"{key} must be at most {maximum}{why}, got {value!r}")
         return value
     return check
 
@@ -121,7 +125,8 @@ def section(cls):
 
 
 POSITIVE = integer(1, "a positive integer")
-SEED = integer(0, "an integer ≥ 0")
+# torch's generators take seeds below 2**64 (torch.manual_seed raised an overflow mid-run).
+SEED = integer(0, "an integer ≥ 0", maximum=(1 << 64) - 1, why=" (random generators take 64-bit seeds)")
 
 
 # The schema, one class per config group (conf/<group>/*.yaml).
@@ -177,7 +182,9 @@ class TrainerSettings:
 
 @dataclass(frozen=True)
 class DistributedSettings:
-    timeout_s: float = setting(600, number("a positive number of seconds", above=0))
+    # A timedelta for the collectives: a larger finite number overflowed it at launch.
+    timeout_s: float = setting(600, number("a positive number of seconds", above=0, maximum=1_000_000_000,
+                                           why=" seconds (about 31 years)"))
     cpu_oversubscribe: bool = setting(False, boolean)
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -154,6 +155,131 @@ def test_good_edge_values_pass():
     assert s.output_dir == "2024"
 
 
+def _leaf_fields(cls=Settings, prefix=""):
+    """(dotted key, resolved type) of every value field of the schema, recovery's included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            yield from _leaf_fields(f.metadata["section"], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def _kinds(hint) -> set:
+    return set(typing.get_args(hint)) | {hint} if typing.get_args(hint) else {hint}
+
+
+NUMERIC_KEYS = sorted(k for k, hint in _leaf_fields() if _kinds(hint) & {int, float} and bool not in _kinds(hint))
+BOOLEAN_KEYS = sorted(k for k, hint in _leaf_fields() if bool in _kinds(hint))
+
+
+def _with_group(key: str, *overrides: str) -> list[str]:
+    return (["+recovery=lora"] if key.startswith("recovery.") else []) + list(overrides)
+
+
+def test_the_schema_walk_finds_the_typed_fields():
+    assert {"quant.bits", "quant.group_size", "quant.damp", "quant.block_size", "data.num_samples", "seed",
+            "eval.max_windows", "cache.host_mib", "distributed.timeout_s", "recovery.rank", "recovery.alpha",
+            "recovery.max_grad_norm"} <= set(NUMERIC_KEYS)
+    assert {"quant.symmetric", "data.bos", "resume", "eval.enabled", "recovery.merge"} <= set(BOOLEAN_KEYS)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_no_number_field_accepts_a_bool(key, value):
+    """true/false are ints to Python (True == 1): every int or float field refuses them by type,
+    naming the field and the value as written."""
+    message = refused(*_with_group(key, f"{key}={value}"))
+    assert message.startswith(f"{key} must be ") and message.endswith(f", got {value.capitalize()}"), message
+
+
+@pytest.mark.parametrize("key", BOOLEAN_KEYS)
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_no_true_false_field_accepts_a_number(key, value):
+    """The other way round (1 == True): true/false fields, auto-or-bool ones too, refuse 1 and 0."""
+    message = refused(*_with_group(key, f"{key}={value}"))
+    assert message.startswith(f"{key} must be ") and message.endswith(f", got {value}"), message
+
+
+@pytest.mark.parametrize("key", ["seed", "data.seed", "recovery.seed"])
+def test_seeds_beyond_64_bits_are_refused(key):
+    """torch's generators take seeds below 2**64; a larger one crashed the run with a traceback."""
+    assert refused(*_with_group(key, f"{key}={1 << 64}")) == (
+        f"{key} must be at most {(1 << 64) - 1} (random generators take 64-bit seeds), got {1 << 64}")
+    s = settings(*_with_group(key, f"{key}={(1 << 64) - 1}"))
+    assert eval(f"s.{key}") == (1 << 64) - 1  # noqa: S307 (a dotted attribute path)
+
+
+def test_timeouts_beyond_what_a_collective_takes_are_refused():
+    """distributed.timeout_s becomes a timedelta (at most 999999999 days); a larger finite number
+    crashed the launch with an OverflowError."""
+    assert refused("distributed.timeout_s=1e300") == (
+        "distributed.timeout_s must be at most 1000000000 seconds (about 31 years), got 1e+300")
+    assert settings("distributed.timeout_s=1000000000").distributed.timeout_s == 1_000_000_000
+
+
+def test_rules_as_built_refuse_the_wrong_type_and_keep_their_bounds():
+    """The rule builders, called here (the schema's rules are built once at import, where a
+    mutation test cannot see them): literal types only, bounds, extra values, maxima."""
+    from fabricq.config import integer, number, one_of, optional, section, setting
+
+    def message(check, value):
+        with pytest.raises(FabricqError) as info:
+            check(value, "k")
+        return str(info.value)
+
+    positive = integer(1, "a positive integer")
+    assert positive(1, "k") == 1 and positive(7, "k") == 7
+    for bad in (True, 0, -1, 2.0, "3"):
+        assert message(positive, bad) == f"k must be a positive integer, got {bad!r}"
+    group = integer(1, "a group", also=(-1,), maximum=64, why=" (the width)")
+    assert group(-1, "k") == -1 and group(64, "k") == 64
+    assert message(group, -2) == "k must be a group, got -2"
+    assert message(group, 65) == "k must be at most 64 (the width), got 65"
+
+    fraction = number("a fraction", above=0, below=1)
+    assert fraction(0.5, "k") == 0.5
+    for bad in (True, 0, 1, float("nan"), float("inf"), "0.5"):
+        assert message(fraction, bad) == f"k must be a fraction, got {bad!r}"
+    size = number("a size", at_least=0, maximum=10, why=" MiB")
+    assert size(0, "k") == 0 and size(10.0, "k") == 10.0 and number("any")(-3.5, "k") == -3.5
+    assert message(size, -0.5) == "k must be a size, got -0.5"
+    assert message(size, 11) == "k must be at most 10 MiB, got 11"
+
+    bits = one_of(2, 4)
+    assert bits(2, "k") == 2 and bits(4, "k") == 4
+    for bad in (True, 3, 4.0, "4"):
+        assert message(bits, bad) == f"k must be one of (2, 4), got {bad!r}"
+    flag = one_of("auto", True, False, what="auto, true or false")
+    assert flag(False, "k") is False and flag("auto", "k") == "auto"
+    assert message(flag, 1) == "k must be auto, true or false, got 1"
+
+    maybe = optional(positive)
+    assert maybe(None, "k") is None and maybe(3, "k") == 3
+    assert message(maybe, True) == "k must be a positive integer, got True"
+
+    value, group_field = setting(3, positive), section(Settings)
+    assert value.default == 3 and value.metadata["check"] is positive
+    assert group_field.default_factory is Settings and group_field.metadata["section"] is Settings
+
+
+def test_recovery_target_modules_are_a_list_of_names():
+    assert settings("+recovery=lora", "recovery.target_modules=[q_proj,'re:.*v_proj']").recovery.target_modules == (
+        "q_proj", "re:.*v_proj")
+    assert settings("+recovery=lora").recovery.target_modules is None
+    for bad, shown in (("q_proj", "'q_proj'"), ("[]", "[]"), ("[q_proj,3]", "['q_proj', 3]"), ("['']", "['']")):
+        assert refused("+recovery=lora", f"recovery.target_modules={bad}") == (
+            "recovery.target_modules must be null (every quantized Linear) or a list of module names, suffixes "
+            f"(q_proj) or re:patterns, got {shown}")
+
+
+def test_tp_aware_turns_dynamic_act_order_into_folded_and_keeps_the_rest():
+    s = settings("export.tp_aware=true", "quant.actorder=dynamic", "quant.bits=3")
+    assert s.quant == dataclasses.replace(Settings().quant, actorder="folded", bits=3)
+    assert settings("export.tp_aware=true").quant.actorder == "static"
+    assert settings("quant.actorder=dynamic").quant.actorder == "dynamic"
+
+
 @pytest.mark.parametrize("override, message", [
     ("+quant.anything=1", f"unknown setting quant.anything: the quant settings are {QUANT_NAMES}"),
     ("+eval.bogus=1", "unknown setting eval.bogus: the eval settings are enabled, path, seq_len, max_windows, "
@@ -174,6 +300,9 @@ def test_unknown_key_messages_name_the_first_wrong_part():
     assert unknown_key_message("nonsense.x").startswith("unknown setting nonsense.x: the top-level keys are model, ")
     assert unknown_key_message("quant.bits.x") == "quant.bits.x is not a setting: quant.bits is a value, not a group"
     assert unknown_key_message("quant") == "quant is a group of settings, not a value"
+    # Two groups deep: the group is named by its whole path.
+    assert refused("+recovery=lora", "+recovery.data.bogus=1") == (
+        "unknown setting recovery.data.bogus: the recovery.data settings are path")
 
 
 @pytest.mark.parametrize("key", sorted(REMOVED))
@@ -284,6 +413,10 @@ RECIPE_LIST = "gptq_w3, gptq_w4, gptq_w4_asym, gptq_w8, rtn_w4"
     (["quant=gptq_w3", "recipe=gptq_w8"], "recipe=gptq_w8 and quant=gptq_w3 choose different schemes: pass only one of them"),
     (["quant.symmetric=no"], "quant.symmetric must be true or false, got 'no'"),
     (["quant.damp=inf"], "quant.damp must be a finite number between 0 and 1 (exclusive), got inf"),
+    (["quant.bits=true"], "quant.bits must be one of (2, 3, 4, 8), got True"),
+    (["data.num_samples=true"], "data.num_samples must be a positive integer, got True"),
+    (["seed=18446744073709551616"], "seed must be at most 18446744073709551615 (random generators take 64-bit "
+                                    "seeds), got 18446744073709551616"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(args, line, tmp_path):
     result = fabricq_cli(*args, cwd=tmp_path)

@@ -37,6 +37,50 @@ def test_perplexity_and_kl_match_torch_losses():
     assert evaluate(a, windows, "cpu", reference=first["logprobs"])["kl"] == pytest.approx(0, abs=1e-4)
 
 
+def peaked_model(seed: int, sharpness: float = 60.0) -> LlamaForCausalLM:
+    """A tiny model whose next-token distributions are peaked (head weights × `sharpness`: on
+    average 0.74 of the mass on one token of 64), unlike `tiny_model`'s nearly flat ones."""
+    model = tiny_model(seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpness)
+    return model
+
+
+def float64_logprobs(model, windows: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.log_softmax(model(input_ids=windows).logits[:, :-1].double(), -1).reshape(-1, 64)
+
+
+def coarse_kl(p: torch.Tensor, q: torch.Tensor, k: int) -> float:
+    """Σ KL of p and q coarsened to p's top-k ∪ {rest}, written out in float64."""
+    top, idx = p.topk(k, -1)
+    p_rest = p.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    q_rest = q.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    return float((top.exp() * (top - q.gather(-1, idx))).sum() + (p_rest.exp() * (p_rest - q_rest)).sum())
+
+
+def test_kl_runs_from_the_reference_to_the_evaluated_model_on_peaked_distributions():
+    """`kl` is KL(reference ‖ model) = Σ p·(log p − log q), p the kept reference. With the flat
+    logits of random models KL(p‖q) ≈ KL(q‖p) and a swapped direction passes every other test;
+    a peaked model against a flat one sets the two directions 3× apart. References: float64 by hand."""
+    windows = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(9))
+    peaked, flat = peaked_model(0), tiny_model(1)
+    p, q = float64_logprobs(peaked, windows), float64_logprobs(flat, windows)
+    positions = p.shape[0]
+    forward = float((p.exp() * (p - q)).sum()) / positions  # KL(peaked ‖ flat)
+    backward = float((q.exp() * (q - p)).sum()) / positions  # KL(flat ‖ peaked)
+    assert backward > 3 * forward
+    for reference, evaluated, expected in ((peaked, flat, forward), (flat, peaked, backward)):
+        full_rows = evaluate(reference, windows, "cpu", keep=3)["logprobs"]  # float16 rows
+        assert evaluate(evaluated, windows, "cpu", reference=full_rows)["kl"] == pytest.approx(expected, rel=1e-3)
+    # The top-k reference: its lower bound is the coarsened KL in the same direction.
+    for reference, evaluated, p_ref, q_model in ((peaked, flat, p, q), (flat, peaked, q, p)):
+        kept = evaluate(reference, windows, "cpu", keep=3, top_k=4)["logprobs"]
+        result = evaluate(evaluated, windows, "cpu", reference=kept)
+        assert result["kl_lower_bound"] == pytest.approx(coarse_kl(p_ref, q_model, 4) / positions, rel=1e-4)
+    assert coarse_kl(p, q, 4) > 2 * coarse_kl(q, p, 4)  # the coarse KLs tell the directions apart too
+
+
 def test_sliding_windows_score_only_the_new_tokens():
     """With a stride, window 0 scores all its predictions and every later window only its last
     `stride`; KL covers the same positions. Reference: cross-entropy over exactly those positions."""
@@ -64,6 +108,91 @@ def test_sliding_windows_score_only_the_new_tokens():
     combined = (math.log(head["ppl"]) * head["tokens"] + math.log(tail["ppl"]) * tail["tokens"])
     assert head["tokens"] + tail["tokens"] == first["tokens"]
     assert math.exp(combined / first["tokens"]) == pytest.approx(first["ppl"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Several ranks: sums weighted by tokens, not means per rank
+# --------------------------------------------------------------------------------------------
+
+# 5 windows over 2 ranks: 3 and 2; with a stride of 9, window 0 scores 39 positions and the others
+# 9 each (57 vs 18 tokens); the KL's 4 reference windows split 3 + 1 (57 vs 9 tokens).
+SHARDED_WINDOWS = torch.randint(0, 64, (5, 40), generator=torch.Generator().manual_seed(11))
+
+
+def _before_and_after(fabric) -> tuple[dict, dict, dict]:
+    """What the app does around quantization, on `fabric`'s ranks: the original's perplexity and
+    top-k reference (the first 4 windows), then the other model's perplexity and KL against it;
+    and an evaluation with no reference windows kept (eval.kl_windows=0)."""
+    from fabricq.evaluate import evaluate_sharded
+
+    before = evaluate_sharded(fabric, peaked_model(0), SHARDED_WINDOWS, "cpu", keep=4, stride=9, top_k=4)
+    after = evaluate_sharded(fabric, tiny_model(1), SHARDED_WINDOWS, "cpu", reference=before.pop("logprobs"),
+                             stride=9, top_k=4)
+    no_kl = evaluate_sharded(fabric, tiny_model(1), SHARDED_WINDOWS[:2], "cpu", reference=[], top_k=4)
+    return before, after, no_kl
+
+
+def _sharded_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fabric = SimpleNamespace(world_size=world, global_rank=rank, device=torch.device("cpu"))
+        torch.save(_before_and_after(fabric), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_report_the_one_rank_perplexity_and_kl_with_unequal_shards(tmp_path):
+    """ppl_before, ppl_after and kl_after of 2 gloo ranks equal 1 rank's on the same windows:
+    the ranks' sums of NLL and KL are added and divided by the total tokens; a mean of the
+    ranks' means would weigh rank 1's 18 (KL: 9) tokens like rank 0's 57."""
+    from types import SimpleNamespace
+
+    from conftest import spawn_ranks
+
+    single = _before_and_after(SimpleNamespace(world_size=1, global_rank=0, device=torch.device("cpu")))
+    ranks = spawn_ranks(_sharded_rank, tmp_path)
+    # The shards are as unequal as intended, and their means differ (else any combination passes).
+    shard = [evaluate(peaked_model(0), SHARDED_WINDOWS[part], "cpu", stride=9, first_index=part.start)
+             for part in (range(0, 3), range(3, 5))]
+    assert [r["tokens"] for r in shard] == [57, 18] and abs(shard[0]["ppl"] / shard[1]["ppl"] - 1) > 0.1
+    one_before, one_after, _ = single
+    for rank, (before, after, no_kl) in enumerate(ranks):
+        assert math.isnan(no_kl["kl"]) and math.isnan(no_kl["kl_lower_bound"]) and no_kl["tokens"] == 78
+        assert after["saved_s"] == 0.0  # nothing read from a cache
+        assert before["tokens"] == one_before["tokens"] == after["tokens"] == 75
+        assert before["ppl"] == pytest.approx(one_before["ppl"], rel=1e-6), rank  # 1 thread vs several
+        assert after["ppl"] == pytest.approx(one_after["ppl"], rel=1e-6), rank
+        assert after["kl"] == pytest.approx(one_after["kl"], rel=1e-6), rank
+        assert after["kl_lower_bound"] == pytest.approx(one_after["kl_lower_bound"], rel=1e-6), rank
+        assert (after["windows"], after["cached_windows"]) == (5, 0)
+
+
+def test_kept_references_round_trip_through_named_tensors():
+    """A rank's references as safetensors names (`window.part`) and back: top-k with and without
+    the tail draws, and full rows; windows in order past 9 (`10.0` sorts before `2.0` as text)."""
+    from fabricq.evaluate import reference_from_tensors, reference_tensors
+
+    windows = torch.randint(0, 64, (12, 20), generator=torch.Generator().manual_seed(12))
+    model = tiny_model(0)
+    for kept in (evaluate(model, windows, "cpu", keep=12, top_k=4)["logprobs"],  # 5 parts (tail draws)
+                 evaluate(model, windows[:2], "cpu", keep=2, top_k=64)["logprobs"],  # 3 parts (k = vocabulary)
+                 evaluate(model, windows[:2], "cpu", keep=2)["logprobs"]):  # float16 rows
+        tensors = reference_tensors(kept)
+        back = reference_from_tensors(dict(reversed(list(tensors.items()))))
+        assert len(back) == len(kept)
+        for ours, theirs in zip(kept, back):
+            if isinstance(ours, tuple):
+                assert isinstance(theirs, tuple) and len(theirs) == len(ours)
+                assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+            else:
+                assert torch.equal(ours, theirs)
+    assert len(evaluate(model, windows[:1], "cpu", keep=1, top_k=4)["logprobs"][0]) == 5
+    assert len(evaluate(model, windows[:1], "cpu", keep=1, top_k=64)["logprobs"][0]) == 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -323,3 +323,108 @@ def test_results_round_trip_with_columns_that_do_not_fill_the_last_word(tmp_path
     assert torch.equal(back.codes, qw.codes) and back.codes.shape == (6, columns)
     # Below 8 bits a run holds the packed form (memory); 8-bit codes stay unpacked.
     assert hasattr(back, "packed_codes") == (bits < 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# The config part of the identity, from the config as the command line composes it
+# ------------------------------------------------------------------------------------------------
+
+
+def run_identity(*overrides: str) -> dict:
+    """The identity fabricq.app.load builds, for `python -m fabricq OVERRIDES` (model and data
+    fixed: only the config varies here)."""
+    from in_process import compose_config
+
+    from fabricq.resume import config_identity
+
+    return {**IDENTITY, "config": config_identity(compose_config(*overrides))}
+
+
+# Every field that changes the quantized layers, with the difference the refusal names.
+CHANGES_THE_RESULT = [
+    ("quant.damp=0.02", "quant.damp: 0.01 → 0.02"),
+    ("quant.group_size=64", "quant.group_size: 128 → 64"),
+    ("quant.symmetric=false", "quant.symmetric: True → False"),
+    ("quant.actorder=dynamic", "quant.actorder: 'static' → 'dynamic'"),
+    ("quant.hessian_dtype=float64", "quant.hessian_dtype: 'float32' → 'float64'"),
+    ("quant.ignore=['.*down_proj']", "quant.ignore: [] → ['.*down_proj']"),
+    ("quant.block_size=64", "quant.block_size: 128 → 64"),
+    ("quant.bits=3", "quant.bits: 4 → 3"),
+    ("recipe=gptq_w8", "quant.bits: 4 → 8"),
+    ("quant.method=rtn", "quant.method: 'gptq' → 'rtn'"),
+    ("quant.true_sequential=false", "quant.true_sequential: True → False"),
+    ("data.num_samples=64", "data.num_samples: 128 → 64"),
+    ("data.seq_len=256", "data.seq_len: 512 → 256"),
+    ("data.batch_size=4", "data.batch_size: 8 → 4"),
+    ("data.seed=1", "data.seed: 0 → 1"),
+    ("data.path=/data/c4.txt", "data.path: None → '/data/c4.txt'"),
+    ("data.text_field=content", "data.text_field: 'text' → 'content'"),
+    ("data.eval_fraction=0.2", "data.eval_fraction: 0.1 → 0.2"),
+    ("data.bos=false", "data.bos: 'auto' → False"),
+    ("data.sampling=documents", "data.sampling: 'stream' → 'documents'"),
+    ("data.chat_template=true", "data.chat_template: False → True"),
+    ("seed=1", "seed: 0 → 1"),
+    ("model.dtype=float32", "model.dtype: 'auto' → 'float32'"),
+]
+
+
+@pytest.mark.parametrize("override, shown", CHANGES_THE_RESULT, ids=[o for o, _ in CHANGES_THE_RESULT])
+def test_every_field_that_changes_the_result_changes_the_resume_identity(tmp_path, override, shown):
+    """A run left unfinished with the default config is not resumed by a command that changes any
+    of these fields: the refusal names the field with both values."""
+    path = committed(tmp_path / "w", identity=run_identity()).path
+    with pytest.raises(FabricqError) as err:
+        WorkDirectory(path).prepare("auto", run_identity(override))
+    assert f"holds an unfinished run of a different config (config.{shown}" in str(err.value)
+    assert WorkDirectory(path).prepare(True, run_identity()) is True  # the same command still resumes
+
+
+@pytest.mark.parametrize("override", [
+    "output_dir=/tmp/elsewhere", "overwrite=true", "resume=true", "eval.enabled=false", "eval.max_windows=2",
+    "eval.kl_top_k=8", "cache.heap=fast", "cache.host_mib=64", "distributed.timeout_s=30",
+    "distributed.cpu_oversubscribe=true", "pipeline.solve_threads=2", "model.path=/models/moved",
+])
+def test_fields_that_cannot_change_the_result_leave_the_identity_alone(tmp_path, override):
+    path = committed(tmp_path / "w", identity=run_identity()).path
+    assert run_identity(override) == run_identity()
+    assert WorkDirectory(path).prepare(True, run_identity(override)) is True
+
+
+def test_model_and_data_identities_are_contents_by_name(tmp_path):
+    """The model by its files' names, sizes and sampled contents (first, middle and last 4 MiB),
+    wherever the folder is; the calibration data as int64 token bytes. References written out."""
+    import hashlib
+    import shutil
+
+    from fabricq.models import ModelSource
+    from fabricq.resume import SAMPLE_BYTES, data_identity, model_identity
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"layers": 2}')
+    big = torch.randint(0, 256, (2 * SAMPLE_BYTES + 12345,), generator=torch.Generator().manual_seed(0),
+                        dtype=torch.uint8).numpy().tobytes()
+    (folder / "model.safetensors").write_bytes(big)
+    size, half = len(big), len(big) // 2 - SAMPLE_BYTES // 2
+    sampled = big[:SAMPLE_BYTES] + big[half : half + SAMPLE_BYTES] + big[size - SAMPLE_BYTES :]
+    expected = {"files": {
+        "config.json": {"size": 13, "sampled_sha256": hashlib.sha256(b'{"layers": 2}').hexdigest()},
+        "model.safetensors": {"size": size, "sampled_sha256": hashlib.sha256(sampled).hexdigest()}}}
+    assert model_identity(ModelSource(folder)) == expected
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(folder, moved)
+    assert model_identity(ModelSource(moved)) == expected
+    changed = bytearray(big)
+    changed[size // 2] ^= 1  # one byte in the middle sample
+    (moved / "model.safetensors").write_bytes(bytes(changed))
+    assert model_identity(ModelSource(moved))["files"]["model.safetensors"]["sampled_sha256"] != \
+        expected["files"]["model.safetensors"]["sampled_sha256"]
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "m.gguf").write_bytes(b"GGUF" * 10)
+    assert model_identity(ModelSource(gguf, "m.gguf")) == {
+        "name": "m.gguf", "files": {"m.gguf": {"size": 40, "sampled_sha256": hashlib.sha256(b"GGUF" * 10).hexdigest()}}}
+
+    tokens = torch.tensor([[1, 2, 3], [40000, 5, 6]], dtype=torch.int32)
+    int64_bytes = b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens.flatten())
+    assert data_identity(tokens) == data_identity(tokens.long()) == hashlib.sha256(int64_bytes).hexdigest()

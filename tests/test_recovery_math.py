@@ -321,6 +321,38 @@ def test_topk_kl_is_a_lower_bound_that_grows_to_the_full_kl(temperature):
     assert math.isclose(previous, full, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_helpers_run_from_teacher_to_student_on_peaked_distributions(temperature):
+    """`full_kl` and `topk_kl` are KL(teacher ‖ student). Random logits of equal spread give
+    KL(p‖q) ≈ KL(q‖p), where a swapped direction passes; a peaked distribution against a flat
+    one sets the directions far apart, each way round. References: float64, written out."""
+    gen = torch.Generator().manual_seed(3)
+    peaked = 12 * torch.randn(6, 50, generator=gen)  # most of the mass on one token
+    flat = 0.3 * torch.randn(6, 50, generator=gen)
+
+    def logprobs(logits):
+        return F.log_softmax(logits.double() / temperature, -1)
+
+    def kl(p, q):
+        return float((p.exp() * (p - q)).sum()) * temperature**2
+
+    def coarse(p, q, k):
+        top, idx = p.topk(k, -1)
+        p_rest = p.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        q_rest = q.scatter(-1, idx, float("-inf")).logsumexp(-1)
+        terms = (top.exp() * (top - q.gather(-1, idx))).sum() + (p_rest.exp() * (p_rest - q_rest)).sum()
+        return float(terms) * temperature**2
+
+    p, q = logprobs(peaked), logprobs(flat)
+    assert kl(q, p) > 3 * kl(p, q)
+    for t_logits, s_logits in ((peaked, flat), (flat, peaked)):
+        t, s = logprobs(t_logits), logprobs(s_logits)
+        assert float(teacher.full_kl(t_logits, s_logits, temperature)) == pytest.approx(kl(t, s), rel=1e-4)
+        top, idx, rest = teacher.top_and_rest(F.log_softmax(t_logits / temperature, -1), 4)
+        value = float(teacher.topk_kl(s_logits, idx, top, rest, temperature))
+        assert value == pytest.approx(coarse(t, s, 4), rel=1e-4)
+
+
 def test_topk_kl_gradient_is_zero_at_the_teacher():
     t_logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
     top, idx, rest = teacher.top_and_rest(F.log_softmax(t_logits, -1), 5)

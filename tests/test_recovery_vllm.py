@@ -137,3 +137,98 @@ def test_tensor_shapes_and_dtypes_are_what_vllm_stacks(written):
         assert a.is_contiguous() and b.is_contiguous()
     # Within one packed vLLM layer (qkv_proj, gate_up_proj) every slice has the adapter's one rank.
     assert {t.shape[0] for k, t in written["tensors"].items() if k.endswith("lora_A.weight")} == {rank}
+
+
+# ---------------------------------------------------------------------------------------------
+# The configured alpha and only the adapted modules, as PEFT loads them
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank, alpha, dropout, chosen, target_modules", [
+    # alpha ≠ 2·rank; suffixes that select exactly the adapted modules (all layers' q and v)
+    (4, 12, 0.0, lambda n: n.endswith(("q_proj", "v_proj")), ["q_proj", "v_proj"]),
+    # a fractional alpha; modules no suffix selects alone (layer 0's o_proj, layer 1's up_proj): full names
+    (8, 3.5, 0.25, lambda n: n in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.up_proj"),
+     ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.up_proj"]),
+], ids=["suffixes", "full-names"])
+def test_peft_loads_the_configured_alpha_onto_the_adapted_modules_only(tmp_path, rank, alpha, dropout, chosen,
+                                                                       target_modules):
+    """An adapter on some of the quantized modules, with an alpha that is not 2·rank: the folder
+    names that alpha (and the dropout) and exactly those modules, and `load_with_adapter`
+    (transformers, then PEFT, as a user loads it) computes fabricq's logits with LoRA layers on
+    those modules alone."""
+    from peft.tuners.lora import LoraLayer
+
+    from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter
+
+    model = _tiny_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    targets = [n for n in names if chosen(n)]
+    quantized = {n: rtn_quantize(model.get_submodule(n).weight.detach(), QuantScheme(4, 32, True, "none"))
+                 for n in targets}
+    # The base as exported: the adapted modules hold their dequantized weights, the others stay.
+    with torch.no_grad():
+        for n in targets:
+            model.get_submodule(n).weight.copy_(quantized[n].dequantize())
+    model.save_pretrained(tmp_path)
+    modules = attach_lora(model, quantized, targets, rank=rank, alpha=alpha, dropout=dropout)
+    model.eval()  # the new modules' dropout off, as in the served model
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in modules.values():  # B ≠ 0: the adapter changes the output, by alpha / rank
+            m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=generator))
+    save_peft_adapter(tmp_path / ADAPTER_DIR, modules, names + ["lm_head"], base_model=str(tmp_path))
+
+    config = json.loads((tmp_path / ADAPTER_DIR / CONFIG_NAME).read_text())
+    assert config["r"] == rank and config["lora_alpha"] == alpha and config["lora_dropout"] == dropout
+    assert sorted(config["target_modules"]) == target_modules
+    assert (config["task_type"], config["bias"]) == ("CAUSAL_LM", "none")
+    served = load_with_adapter(tmp_path, dtype=torch.float32)
+    assert type(served).__name__ == "PeftModelForCausalLM"
+    wrapped = {n.removeprefix("base_model.model.") for n, m in served.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped == set(targets)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = served(input_ids=ids).logits
+        with served.disable_adapter():
+            base = served(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert float((base - ours).abs().max()) > 1e-2
+    # Written in another dtype on request, both matrices.
+    save_peft_adapter(tmp_path / "bf16", modules, names + ["lm_head"], dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "bf16" / WEIGHTS_NAME), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+def test_a_loaded_model_is_decompressed_only_while_a_module_is_still_packed():
+    """`decompress_loaded` calls the quantizer's compressor once when some module still holds
+    `weight_packed` (transformers 5 leaves them so), and leaves a dense or unquantized model alone."""
+    from types import SimpleNamespace
+
+    from fabricq.recovery.adapter import decompress_loaded
+
+    class Model(torch.nn.Module):
+        def __init__(self, packed: bool, compressor):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+            if packed:
+                self.layer.register_buffer("weight_packed", torch.zeros(1, dtype=torch.int32))
+            if compressor is not None:
+                self.hf_quantizer = SimpleNamespace(compressor=compressor)
+
+    class Compressor:
+        def __init__(self):
+            self.calls = []
+
+        def decompress_model(self, model):
+            self.calls.append(model)
+
+    compressor = Compressor()
+    packed = Model(True, compressor)
+    decompress_loaded(packed)
+    assert compressor.calls == [packed]
+    dense = Model(False, Compressor())
+    decompress_loaded(dense)
+    assert dense.hf_quantizer.compressor.calls == []
+    decompress_loaded(Model(True, None))  # no quantizer: nothing to call, nothing fails
