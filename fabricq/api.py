@@ -82,7 +82,8 @@ def ids_and_mask(item, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, mask = item["input_ids"], item.get("attention_mask")
     else:
         ids = item
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dim() not in (1, 2):
+    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool
+            or ids.dim() not in (1, 2)):
         what = f"a {ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise FabricqError(f"{where} is {what}: GPTQ needs token ids, a (batch, tokens) integer tensor or a "
                            "dict with input_ids (and attention_mask)")
@@ -138,6 +139,9 @@ def causal_lm(module: nn.Module, what: str = "the model") -> nn.Module:
         raise FabricqError(f"{what} ({type(module).__name__}) has no decoder layers: {err}") from None
     if not any(isinstance(m, nn.Linear) for m in layers.modules()):
         raise FabricqError(f"{what} ({type(module).__name__}) has no Linear layers in its decoder layers: nothing to quantize")
+    if any(p.is_meta for p in module.parameters()):
+        raise FabricqError(f"{what} has weights on the meta device (built without loading them): load it with "
+                           "from_pretrained")
     return module
 
 
@@ -174,7 +178,10 @@ class QuantizeResult:
 
         output_dir = Path(output_dir)
         overwrite = self.config.overwrite if overwrite is None else overwrite
-        check_inputs_outside(output_dir, {})
+        if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+            raise FabricqError(f"tokenizer is of type {type(tokenizer).__name__}: pass a Hugging Face tokenizer "
+                               "(with save_pretrained) or None")
+        check_inputs_outside(output_dir, {"the folder the model was loaded from": model_folder(self.model)})
         check_output_dir(output_dir, overwrite)
         if self.ranks.global_rank == 0:
             claim = OutputClaim(output_dir, overwrite, writer=True)
@@ -194,6 +201,29 @@ class QuantizeResult:
         if self.ranks.world_size > 1:
             self.ranks.barrier()
         return output_dir
+
+
+def model_folder(model: nn.Module) -> Path | None:
+    """The local folder a Hugging Face model was loaded from (its name_or_path), if it is one: the
+    input `QuantizeResult.save` may not write over."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    folder = Path(name).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def check_token_ids(model: nn.Module, ids: torch.Tensor, what: str) -> None:
+    """Every token id must index the model's input embeddings (else the first forward fails deep in
+    torch with "index out of range in self")."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int) or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise FabricqError(f"{what} hold token id {low if low < 0 else high}, outside the model's vocabulary of {vocab} "
+                           f"(0 to {vocab - 1}): tokenize with the model's own tokenizer")
 
 
 def calibration_report(windows: torch.Tensor, ranks, shard: bool) -> dict:
@@ -232,6 +262,11 @@ def quantize_windows(model: nn.Module, windows: torch.Tensor, mask: torch.Tensor
         eval_ids, eval_mask = calibration_windows(eval_ids)
         if eval_mask is not None:
             raise FabricqError("eval_ids must be unpadded token windows (no attention_mask zeros)")
+        check_token_ids(model, eval_ids, "eval_ids")
+        if eval_ids.shape[1] < 2:
+            raise FabricqError(f"eval_ids are windows of {eval_ids.shape[1]} token: perplexity needs at least 2 per "
+                               "window (a token and the one it predicts)")
+    check_token_ids(model, windows, "calibration_ids")
     batches = -(-len(windows) // config.data.batch_size)
     problem = None
     if shard and batches < ranks.world_size:

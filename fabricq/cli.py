@@ -47,7 +47,7 @@ def os_error_message(err: OSError) -> str:
         return f"no space left on device{where}: free space and rerun"
     what = (err.strerror or type(err).__name__).lower()
     if isinstance(err, PermissionError) or err.errno == errno.EROFS:
-        return f"{what}{where}: change its permissions or choose a place you can write to"
+        return f"{what}{where}: change its permissions or choose another place"
     return f"{what}{where}" if where else f"{what}: {err}"
 
 
@@ -82,6 +82,8 @@ def read_json_object(path: Path, what: str | None = None) -> dict:
         raise FabricqError(f"{name} is not a JSON text file (not UTF-8: binary or damaged)") from None
     except json.JSONDecodeError as err:
         raise FabricqError(f"{name} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise FabricqError(f"{name} nests its JSON too deeply to read (damaged, or not a model config)") from None
     if not isinstance(data, dict):
         raise FabricqError(f"{name} holds a JSON {json_type(data)}, not an object ({{...}})")
     return data

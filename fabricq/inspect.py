@@ -74,7 +74,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     for filename in files:
         file = path / filename
         if not file.is_file():
-            raise FabricqError(f"weight file {file} is missing")
+            raise FabricqError(f"weight file {file} is {'not a regular file' if file.exists() else 'missing'}")
+        with open(file, "rb"):  # unreadable (permissions): that error, not "corrupt"
+            pass
         try:
             tensors.update(load_file(file))
         except Exception as err:  # safetensors raises its own error type for bad headers/lengths
@@ -260,7 +262,8 @@ def load_checkpoint(path) -> Checkpoint:
 
     path = Path(path)
     if not path.is_dir():
-        raise FabricqError(f"checkpoint directory {path} does not exist")
+        raise FabricqError(f"{path} is a file, not a checkpoint directory" if path.exists() else
+                           f"checkpoint directory {path} does not exist")
     config = _read_json(path / "config.json")
     fmt = detect_format(config)
     model = meta_model(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def flat_config(folder: Path) -> dict[str, str]:
 
     try:
         walk(yaml.safe_load(path.read_bytes().decode("utf-8")) or {}, "")
-    except (ValueError, yaml.YAMLError):  # not text, or not YAML: the job's settings are unknown
+    except (ValueError, RecursionError, yaml.YAMLError):  # not text or not YAML: the job's settings are unknown
         return {}
     flat.pop("output_dir", None)  # differs by construction
     return flat
@@ -112,7 +113,7 @@ def collect_jobs(sweep_dir: Path, started: set[int] | None = None) -> list[Sweep
         if report.is_file():
             try:
                 job.report = summary_fields(json.loads(report.read_bytes().decode("utf-8")))
-            except ValueError:  # a report cut short (disk full), or not text: the job did not finish cleanly
+            except (ValueError, RecursionError):  # cut short (disk full), not text, nested absurdly deep
                 job.status = "failed (unreadable report.json)"
             else:
                 if job.report is None:
@@ -130,6 +131,10 @@ def collect_jobs(sweep_dir: Path, started: set[int] | None = None) -> list[Sweep
 
 def _number(value) -> int | float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def summary_fields(report) -> dict | None:
@@ -232,12 +237,15 @@ def plot_summary(path: Path, jobs: list[SweepJob], keys: list[str], original: in
     marker, `#n` beside it, the full label in the legend); the original as a star and a dashed
     line at its perplexity. False when no job has the figures."""
     points = [(job, job_values(job, original)) for job in jobs if job.report]
+    # NaN or infinite figures (a diverged job) stay in the table; a plot has no place for them.
+    points = [(job, {**v, "ppl_after": _finite(v["ppl_after"]), "kl_after": _finite(v["kl_after"])})
+              for job, v in points]
     points = [(job, v) for job, v in points if v["size_mib"] is not None and v["ppl_after"] is not None]
     if not points:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     markers = "ovs^Dp*hX<>"
-    reference_ppl = original_ppl(jobs)
+    reference_ppl = _finite(original_ppl(jobs))
     for i, (job, values) in enumerate(points):
         style = {"marker": markers[i % len(markers)], "color": f"C{i % 10}", "markersize": 8, "linestyle": "none"}
         left.plot(values["size_mib"], values["ppl_after"], label=job_label(job, keys), **style)

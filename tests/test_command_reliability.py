@@ -26,17 +26,18 @@ from test_resume import assert_same_checkpoint, start_killable
 from fabricq.errors import FabricqError
 
 
-def command(module: str, *args, env: dict | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` from the repository root, as a user runs it (no FABRICQ_DEBUG).
-    `unprivileged`: without the capabilities that let root write anywhere (file modes count)."""
+def command(module: str, *args, env: dict | None = None, unprivileged: bool = False,
+            cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (from the repository root unless `cwd`), as a user runs it (no
+    FABRICQ_DEBUG). `unprivileged`: without the capabilities that let root write anywhere."""
     environ = {k: v for k, v in os.environ.items() if k not in ("FABRICQ_DEBUG", "HYDRA_FULL_ERROR")}
-    environ.update(OMP_NUM_THREADS="1", **(env or {}))
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(env or {}))
     prefix = []
     if unprivileged and os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: file modes cannot refuse a write")
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-    return subprocess.run([*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT, env=environ,
+    return subprocess.run([*prefix, sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -83,6 +84,21 @@ def test_convert_never_writes_into_or_over_its_source(ct_source, tmp_path, where
     result = command("fabricq.convert", src, dst, "--to", "gptq", *(["--overwrite"] if overwrite else []))
     assert_one_line_error(result, f"destination {dst} {relation} the source SRC ({src})",
                           "fabricq never writes over its inputs, even with --overwrite")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["the current directory", "the home directory"])
+def test_convert_never_replaces_the_current_or_home_directory(ct_source, tmp_path, where):
+    """--overwrite into `.` or ~ would replace the folder a user works in (it did: rmtree first)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    before = tree(tmp_path)
+    if where == "the current directory":
+        result = command("fabricq.convert", ct_source, ".", "--to", "gptq", "--overwrite", cwd=mine)
+    else:
+        result = command("fabricq.convert", ct_source, mine, "--to", "gptq", "--overwrite", env={"HOME": str(mine)})
+    assert_one_line_error(result, f"is or contains {where}", "choose a directory of its own")
     assert tree(tmp_path) == before
 
 
@@ -326,6 +342,22 @@ def test_summary_of_jobs_with_wrong_json_types(tmp_path):
         assert all(rows[num][key] == "" for key in ("method", "bits", "size_mib", "ppl_before", "ppl_after", "wall_s"))
 
 
+def test_summary_of_jobs_with_nan_and_infinite_figures(tmp_path):
+    """A diverged job's NaN perplexity and infinite KL stay in the table; the plot leaves them out
+    (matplotlib refused the axis limits: the summary, and a sweep's end, failed with a traceback)."""
+    sweep = tmp_path / "sweep"
+    size = {"checkpoint_bytes": 1000, "original_bytes": 4000}
+    for num, (ppl, kl) in enumerate([(12.5, 0.1), (float("nan"), float("inf"))]):
+        (sweep / str(num)).mkdir(parents=True)
+        (sweep / str(num) / "report.json").write_text(json.dumps(
+            {"method": "gptq", "scheme": {"bits": 4 - num, "group_size": 128}, "ppl_before": 10.0, "ppl_after": ppl,
+             "kl_after": kl, "size_on_disk": size}))
+    result = command("fabricq.summary", sweep)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 1 | ok | gptq | 3 | 128 |" in result.stdout and "| nan | inf |" in result.stdout
+    assert (sweep / "summary.png").is_file()
+
+
 def test_summary_into_an_unwritable_sweep_folder(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep")
     sweep.chmod(0o555)
@@ -340,6 +372,68 @@ def test_summary_into_an_unwritable_sweep_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The Python API
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_copy(stories260k_path, tmp_path_factory):
+    """stories260k copied and loaded from the copy, quantized through the API."""
+    import fabricq
+    from cli_reference import load_tiny
+
+    folder = Path(shutil.copytree(stories260k_path, tmp_path_factory.mktemp("api") / "model"))
+    result = fabricq.quantize(load_tiny(folder), torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0)),
+                              overrides=["data.batch_size=2"])
+    return folder, result
+
+
+def test_save_never_writes_over_the_folder_the_model_came_from(quantized_copy):
+    folder, result = quantized_copy
+    before = tree(folder)
+    with pytest.raises(FabricqError, match="is the folder the model was loaded from .*even with overwrite=true"):
+        result.save(folder, overwrite=True)
+    with pytest.raises(FabricqError, match="contains the folder the model was loaded from"):
+        result.save(folder.parent, overwrite=True)
+    assert tree(folder) == before
+
+
+def test_save_wants_a_tokenizer(quantized_copy, tmp_path):
+    _, result = quantized_copy
+    with pytest.raises(FabricqError, match="tokenizer is of type str: pass a Hugging Face tokenizer"):
+        result.save(tmp_path / "out", tokenizer="not a tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"calibration_ids": torch.full((2, 8), 10**6)}, "calibration_ids hold token id 1000000, outside the model's "
+                                                     "vocabulary of 512 (0 to 511)"),
+    ({"calibration_ids": torch.full((2, 8), -3)}, "calibration_ids hold token id -3"),
+    ({"calibration_ids": torch.ones(2, 8, dtype=torch.bool)}, "calibration_ids is a torch.bool tensor"),
+    ({"eval_ids": torch.full((2, 1), 5)}, "eval_ids are windows of 1 token: perplexity needs at least 2"),
+    ({"eval_ids": torch.full((2, 8), 512)}, "eval_ids hold token id 512"),
+])
+def test_quantize_refuses_ids_the_model_cannot_read(stories260k_path, kwargs, expected):
+    """Refused before any weight changes (they failed deep in torch: "index out of range in self",
+    a ZeroDivisionError; boolean ids quantized on tokens 0 and 1)."""
+    import fabricq
+    from cli_reference import load_tiny
+
+    model = load_tiny(stories260k_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {"calibration_ids": torch.ones(4, 16, dtype=torch.long), "overrides": ["data.batch_size=2"], **kwargs}
+    with pytest.raises(FabricqError) as caught:
+        fabricq.quantize(model, **args)
+    assert expected in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_quantize_refuses_a_model_on_the_meta_device(stories260k_path):
+    import fabricq
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(stories260k_path))
+    with pytest.raises(FabricqError, match="has weights on the meta device"):
+        fabricq.quantize(model, torch.ones(2, 8, dtype=torch.long))
 
 
 @pytest.mark.parametrize("model, expected", [
