@@ -363,11 +363,11 @@ def load_settings(cfg: DictConfig | dict, environ=os.environ) -> Settings:
     input file, or a launch this machine and environment cannot do."""
     node = _plain(cfg) if isinstance(cfg, DictConfig) else cfg
     settings = tensor_parallel_friendly(_build(Settings, node, "", _unused(node)))
-    from fabricq.runtime import check_launch  # runtime imports this module
+    from fabricq.launcher import check_launch
 
     check_combinations(settings)
     check_input_files(settings)
-    check_launch(settings, environ)
+    check_launch(settings.trainer, settings.distributed, environ)
     return settings
 
 

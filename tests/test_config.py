@@ -373,7 +373,7 @@ def test_launch_checks(overrides, environ, message):
 
 
 def test_cpu_ranks_beyond_the_cores_need_cpu_oversubscribe():
-    from fabricq.runtime import usable_cpus
+    from fabricq.launcher import usable_cpus
 
     many = f"trainer.devices={usable_cpus() + 1}"
     assert refused("trainer.accelerator=cpu", many, "data.batch_size=1").endswith(
