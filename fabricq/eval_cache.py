@@ -33,7 +33,7 @@ from fabricq.evaluate import (
     TAIL_SAMPLES,
     WindowResult,
 )
-from fabricq.precision import cache_root
+from fabricq.cachedir import cache_root
 from fabricq.recovery.teacher import windows_digest
 
 log = logging.getLogger("fabricq")

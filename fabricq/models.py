@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fabricq.cachedir import default_model_cache
 from fabricq.errors import FabricqError
 
 log = logging.getLogger(__name__)
@@ -163,15 +163,10 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...], Path]]:
         raise FabricqError(f"corrupt safetensors file {file}: {one_line(err)}") from None
 
 
-def _default_model_cache() -> Path:
-    root = os.environ.get("FABRICQ_CACHE") or Path.home() / ".cache" / "fabricq"
-    return Path(root) / "SmolLM2-135M-Instruct"
-
-
 def _materialise_gguf(source: ModelSource) -> ModelSource:
     """Convert a GGUF model to a plain Hugging Face folder once, cached (the GGUF conversion
     takes ~20 s on every load; a safetensors folder loads in about one)."""
-    cache = _default_model_cache()
+    cache = default_model_cache()
     if (cache / "config.json").is_file():
         return ModelSource(cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer

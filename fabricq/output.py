@@ -102,11 +102,11 @@ def check_inputs_outside(output_dir: Path, inputs: dict[str, Path | None], *, na
 
 def run_inputs(cfg, source) -> dict[str, Path | None]:
     """The files and folders a run reads, by config field (`source`: the resolved model)."""
-    from fabricq.models import _default_model_cache
+    from fabricq.cachedir import default_model_cache
 
     inputs: dict[str, Path | None] = {"model.path": source.folder}
     if source.gguf_file:  # the default model is read from its package and a converted copy
-        inputs["the converted default model"] = _default_model_cache()
+        inputs["the converted default model"] = default_model_cache()
     inputs["data.path"] = None if cfg.data.path is None else Path(cfg.data.path)
     inputs["eval.path"] = None if cfg.eval.path is None else Path(cfg.eval.path)
     return inputs

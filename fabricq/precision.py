@@ -17,7 +17,6 @@ decision is a pure function of what does not change between two runs of one comm
 from __future__ import annotations
 
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,10 +70,6 @@ def torch_bf16_kernels() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without the op
         return False
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FABRICQ_CACHE") or Path.home() / ".cache" / "fabricq")
 
 
 # ---------------------------------------------------------------- the decisions (pure)
