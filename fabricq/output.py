@@ -122,7 +122,8 @@ def launch_rank(devices_per_node: int, environ=os.environ) -> int:
     return int(node) * int(devices_per_node) + int(local) if node.isdigit() and local.isdigit() else 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a lock or staging folder of a dead one is stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -222,7 +223,7 @@ class OutputClaim:
         parent, name = self.path.parent, self.path.name
         for aside in sorted(parent.glob(f".{name}.old-*")):
             pid = aside.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
                 continue
             if not self.path.exists() and not self.path.is_symlink():
                 os.replace(aside, self.path)
@@ -231,7 +232,7 @@ class OutputClaim:
                 _remove(aside)
         for staging in parent.glob(f".{name}.partial-*"):
             pid = staging.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and (not _pid_alive(int(pid)) or int(pid) == os.getpid()):
+            if pid.isdigit() and (not pid_alive(int(pid)) or int(pid) == os.getpid()):
                 _remove(staging)
 
     def new_staging(self) -> Path:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fabricq import strict_json
 from fabricq.errors import FabricqError
-from fabricq.output import OutputClaim, apply_umask
+from fabricq.output import OutputClaim, apply_umask, pid_alive
 
 log = logging.getLogger("fabricq")
 
@@ -44,16 +44,6 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _pid_of(path: Path) -> int | None:
     tail = path.name.rsplit("-", 1)[-1].removesuffix(".json")
     return int(tail) if tail.isdigit() else None
@@ -62,7 +52,7 @@ def _pid_of(path: Path) -> int | None:
 def _dead(path: Path) -> bool:
     """A leftover of a process that no longer runs (or of this one)."""
     pid = _pid_of(path)
-    return pid is not None and (pid == os.getpid() or not _pid_alive(pid))
+    return pid is not None and (pid == os.getpid() or not pid_alive(pid))
 
 
 def _remove(path: Path) -> None:
