@@ -13,7 +13,7 @@ subprocesses with OMP_NUM_THREADS=--threads, repeats interleaved (llm-compressor
 Each run's wall time is measured around the whole process (imports, load, calibration, solves,
 writing the compressed checkpoint) and its peak RSS comes from the kernel (wait4). Afterwards
 the last checkpoint of each tool is read back with the SAME reader
-(`fabricq.export.load_dequantized_state_dict`, dense dequantized weights) and evaluated with the
+(`fabricq.checkpoint.compressed_tensors.load_dequantized_state_dict`, dense dequantized weights) and evaluated with the
 SAME evaluator (`fabricq.evaluate`) on WikiText-2 test windows, so perplexities are comparable.
 
 llm-compressor pins transformers<=5.17 and compressed-tensors==0.19.0, so it lives in its own
@@ -200,7 +200,7 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 def load_checkpoint_into(model, checkpoint: Path) -> None:
     """Dense dequantized weights of a pack-quantized checkpoint into `model` (same reader for both)."""
-    from fabricq.export import load_dequantized_state_dict
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
 
     tensors = load_dequantized_state_dict(checkpoint)
     state = model.state_dict()

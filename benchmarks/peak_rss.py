@@ -109,7 +109,12 @@ def _instrument(sampler: PhaseSampler) -> None:
     """Phase markers around the steps of `fabricq.app.run` (looked up by name, so older and newer
     checkouts work alike; a step a checkout lacks is simply not marked)."""
     import fabricq.calibration.loop as calibration
-    from fabricq import app, export
+    from fabricq import app
+
+    try:
+        from fabricq.checkpoint import compressed_tensors as export
+    except ImportError:  # checkouts before fabricq/checkpoint/
+        from fabricq import export
 
     def around(module, name: str, phase: str, after: str) -> None:
         original = getattr(module, name, None)

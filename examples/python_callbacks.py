@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fabricq.calibration.loop import CalibrationLoop
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.callbacks.progress import ProgressCallback
-from fabricq.export import load_dequantized_state_dict, save_compressed_checkpoint
+from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict, save_compressed_checkpoint
 from fabricq.quant.grid import QuantScheme
 
 

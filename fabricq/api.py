@@ -174,7 +174,7 @@ class QuantizeResult:
         at all."""
         from fabricq.output import OutputClaim, check_inputs_outside, check_output_dir
         from fabricq.report_card import write_report_files
-        from fabricq.serving import save_checkpoints
+        from fabricq.checkpoint.save import save_checkpoints
 
         output_dir = Path(output_dir)
         overwrite = self.config.overwrite if overwrite is None else overwrite

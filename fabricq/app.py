@@ -103,7 +103,7 @@ def run(cfg: DictConfig, output_dir: Path, config: Settings | None = None) -> di
 
 def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
     """Checks that need the files, rank launch, tokenizer, text, the resume directory, the model."""
-    from fabricq.serving import check_export_config
+    from fabricq.checkpoint.engines import check_export_config
 
     start = time.perf_counter()
     settings = gptq_settings(config)
@@ -201,7 +201,7 @@ def calibrate_and_quantize(job: Job) -> tuple[GPTQCallback, ReleaseFinishedWeigh
 
 def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights, reference: list | None) -> None:
     """Perplexity and KL of the weights the checkpoint will hold."""
-    from fabricq.serving import round_unquantized
+    from fabricq.checkpoint.save import round_unquantized
 
     if not job.config.eval.enabled:
         return
@@ -222,7 +222,7 @@ def evaluate_after(job: Job, gptq: GPTQCallback, release: ReleaseFinishedWeights
 def export(job: Job, gptq: GPTQCallback) -> dict:
     """Rank 0 writes the checkpoint(s), report.json and the resolved config, then publishes."""
     from fabricq.report_card import write_report_files
-    from fabricq.serving import save_checkpoints
+    from fabricq.checkpoint.save import save_checkpoints
 
     report = job.report
     if job.rank != 0:  # only rank 0 writes; the others wait for it at the final barrier

@@ -14,18 +14,17 @@ itself and moved into place complete; a non-empty DST is refused unless --overwr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import torch
-
+from fabricq.checkpoint.convert import to_compressed_tensors, to_gptq
+from fabricq.checkpoint.engines import EXPORT_DTYPES, FORMAT_ALIASES
+from fabricq.checkpoint.load import checkpoint_dtype, load_checkpoint
 from fabricq.cli import ArgumentParser, run_command
 from fabricq.errors import FabricqError
 from fabricq.output import OutputClaim, check_inputs_outside
-from fabricq.serving import EXPORT_DTYPES, FORMAT_ALIASES
 
 TARGETS = ("gptq", "compressed-tensors")
 # Files of a checkpoint that the converter writes itself instead of copying.
@@ -44,52 +43,8 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise FabricqError(f"destination {dst} exists and is not empty: choose another directory or pass --overwrite")
 
 
-def to_gptq(checkpoint, out: Path) -> None:
-    from fabricq.gptq_format import write_gptq
-    from fabricq.serving import gptq_layout_problem
-    from fabricq.inspect import specs_of
-
-    for spec in specs_of(checkpoint):
-        problem = gptq_layout_problem(spec)
-        if problem:
-            raise FabricqError(f"cannot convert to the GPTQ format: {problem}")
-    linear = [n for n, m in checkpoint.meta_model.named_modules() if isinstance(m, torch.nn.Linear)]
-    write_gptq(out, checkpoint.config, checkpoint.tensors, checkpoint.quantized, linear)
-
-
-def to_compressed_tensors(checkpoint, out: Path, dtype: torch.dtype) -> None:
-    from fabricq.export import CONFIG_NAME, _compressed_tensors_for, _write_safetensors, build_quantization_config
-    from fabricq.output import apply_umask
-
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in checkpoint.tensors.items()}
-    quantized = {}
-    for name, qw in sorted(checkpoint.quantized.items()):
-        if qw.scheme.actorder == "dynamic":
-            raise FabricqError(
-                f"cannot convert {name} to compressed-tensors: its act-order groups (desc_act with g_idx) are "
-                "refused by compressed-tensors >= 0.19 (actorder 'group' was removed)"
-            )
-        if not torch.equal(qw.scale.to(dtype).float(), qw.scale):
-            raise FabricqError(
-                f"cannot convert {name} to compressed-tensors in {str(dtype).removeprefix('torch.')}: its scales are "
-                "not exactly representable there (pass --dtype float32, or the scales' own dtype)"
-            )
-        quantized[name] = qw
-        state.update(_compressed_tensors_for(name, qw, dtype))
-    config = dict(checkpoint.config)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = build_quantization_config(checkpoint.meta_model, quantized)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(state, out, "5GB")
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for path in out.iterdir():  # safetensors creates its files 0600
-        apply_umask(path)
-
-
 def convert(src, dst, to: str, *, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Convert checkpoint `src` into `dst` in format `to`; returns `dst`."""
-    from fabricq.inspect import checkpoint_dtype, load_checkpoint
-
     src, dst = Path(src), Path(dst)
     to = FORMAT_ALIASES.get(to, to)
     if to not in TARGETS:

@@ -62,7 +62,7 @@ def peak_rss_mib() -> float:
 def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tuple[list[str], torch.dtype]:
     """The Linear modules to quantize and the export dtype, after every check that needs the model
     (finite weights, quant.ignore, what the export formats can hold); sets `settings.scale_dtype`."""
-    from fabricq.serving import (
+    from fabricq.checkpoint.engines import (
         check_export_config,
         preflight,
         resolve_export_dtype,

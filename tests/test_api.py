@@ -32,7 +32,7 @@ def test_api_without_fabric_writes_the_cli_checkpoint(cli_w4_reference, stories2
     saved = json.loads((out / "report.json").read_text())
     assert saved["calibration"] == result.report["calibration"] and saved["export"]["formats"] == ["."]
     # The model in memory holds the dequantized weights the checkpoint stores.
-    from fabricq.export import load_dequantized_state_dict
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
 
     dequantized = load_dequantized_state_dict(out)
     name = "model.layers.2.mlp.down_proj"

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO_ROOT
 from fabricq.convert import convert
 from fabricq.errors import FabricqError
-from fabricq.export import save_compressed_checkpoint
-from fabricq.gptq_format import save_gptq_checkpoint
+from fabricq.checkpoint.compressed_tensors import save_compressed_checkpoint
+from fabricq.checkpoint.gptq import save_gptq_checkpoint
 from test_export import make_model
 from test_gptq_format import decode_gptq, quantize, read_all
 

@@ -101,7 +101,7 @@ def test_python_callbacks(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fabricq.export import load_dequantized_state_dict
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
 
     model, text = tiny
     out = tmp_path / "py"

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig
 
-from fabricq.export import load_dequantized_state_dict, save_compressed_checkpoint
+from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict, save_compressed_checkpoint
 from fabricq.quant.gptq import gptq_quantize, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
 
@@ -435,7 +435,7 @@ def test_rejects_group_size_not_dividing_columns(tmp_path):
 def test_packed_weight_is_the_same_weight_in_fewer_bytes(bits, symmetric, actorder):
     """What a run holds of each finished module until export (below 8 bits): the same codes,
     dequantized weight and exported tensors as the int8 form, in bits/8 of its bytes."""
-    from fabricq.export import _compressed_tensors_for
+    from fabricq.checkpoint.compressed_tensors import compressed_tensors_for
 
     g = torch.Generator().manual_seed(bits)
     w, x = torch.randn(40, 96, generator=g), torch.randn(300, 96, generator=g)
@@ -445,7 +445,7 @@ def test_packed_weight_is_the_same_weight_in_fewer_bytes(bits, symmetric, actord
     assert torch.equal(packed.codes, qw.codes)
     assert torch.equal(packed.dequantize(), qw.dequantize())
     assert packed.packed_codes.numel() * 4 == 40 * 96 * bits // 8
-    a, b = _compressed_tensors_for("m", qw, torch.float32), _compressed_tensors_for("m", packed, torch.float32)
+    a, b = compressed_tensors_for("m", qw, torch.float32), compressed_tensors_for("m", packed, torch.float32)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -16,7 +16,7 @@ from fabricq.calibration.loop import CalibrationLoop
 from fabricq.callbacks.base import Callback
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.errors import FabricqError
-from fabricq.export import save_compressed_checkpoint
+from fabricq.checkpoint.compressed_tensors import save_compressed_checkpoint
 from fabricq.quant.fold import (
     HeadLayout,
     as_contiguous_groups,
@@ -227,10 +227,8 @@ def test_folded_run_keeps_the_quantized_function_and_loads_in_transformers(true_
     with torch.no_grad():
         torch.testing.assert_close(loaded(SAMPLES).logits, model(SAMPLES).logits, rtol=0, atol=1e-5)
     # The GPTQ format: desc_act false, g_idx trivial, the same weights.
-    from fabricq.gptq_format import (
-        load_dequantized_gptq_state_dict,
-        save_gptq_checkpoint,
-    )
+    from fabricq.checkpoint.gptq import save_gptq_checkpoint
+    from fabricq.checkpoint.load import load_dequantized_gptq_state_dict
 
     save_gptq_checkpoint(model, gptq.quantized, tmp_path / "gptq", dtype=torch.float32)
     assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["desc_act"] is False
@@ -276,7 +274,7 @@ def test_fused_projections_fall_back_to_static(caplog):
 def test_dynamic_for_compressed_tensors_is_refused_pointing_to_folded():
     from types import SimpleNamespace
 
-    from fabricq.serving import check_export_config
+    from fabricq.checkpoint.engines import check_export_config
 
     with pytest.raises(FabricqError, match="quant.actorder=folded"):
         check_export_config(SimpleNamespace(format="compressed-tensors"), SimpleNamespace(actorder="dynamic"))

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fabricq.errors import FabricqError
-from fabricq.export import load_dequantized_state_dict
-from fabricq.gptq_format import save_gptq_checkpoint
-from fabricq.inspect import load_checkpoint
+from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
+from fabricq.checkpoint.gptq import save_gptq_checkpoint
+from fabricq.checkpoint.load import load_checkpoint
 from fabricq.quant.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
 from fabricq.quant.grid import QuantScheme, effective_group_size
-from fabricq.serving import save_checkpoints
+from fabricq.checkpoint.save import save_checkpoints
 from test_export import byte_equal, logits, make_model, random_hessian
 
 VOCAB = 128
@@ -267,7 +267,7 @@ def test_export_dtype_loads_in_transformers_with_the_same_logits(tmp_path, dtype
     """A float32 model exported as `dtype` (auto → bfloat16) with format=both: transformers loads
     the compressed-tensors copy in that dtype with the logits of fabricq's dequantized model in it,
     and the GPTQ copy decodes to the same weights."""
-    from fabricq.serving import resolve_export_dtype, scale_dtype_for
+    from fabricq.checkpoint.engines import resolve_export_dtype, scale_dtype_for
 
     model = make_model(torch.float32, tie=True)
     export = OmegaConf.create({"format": "both", "dtype": dtype, "engine": "none", "tp": 1})

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, run_cli
 from fabricq.errors import FabricqError
-from fabricq.export import save_compressed_checkpoint
-from fabricq.gptq_format import save_gptq_checkpoint
-from fabricq.inspect import inspect_checkpoint, main
+from fabricq.checkpoint.compressed_tensors import save_compressed_checkpoint
+from fabricq.checkpoint.gptq import save_gptq_checkpoint
+from fabricq.checkpoint.report import inspect_checkpoint
+from fabricq.inspect import main
 from fabricq.quant.grid import QuantScheme
-from fabricq.serving import ModuleSpec, check_export_config, engine_verdict, preflight
+from fabricq.checkpoint.engines import ModuleSpec, check_export_config, engine_verdict, preflight
 from test_export import HIDDEN, INTERMEDIATE, make_model
 from test_gptq_format import quantize
 
@@ -204,9 +205,9 @@ def test_run_refuses_before_calibration(shared_path, tmp_path, args, message):
 def test_run_writes_both_formats_in_bfloat16(shared_path, tmp_path):
     """The default dtype of a float32 model is bfloat16; `both` puts the GPTQ copy in gptq/; the
     two copies hold the same weights; inspect reads both."""
-    from fabricq.export import load_dequantized_state_dict
-    from fabricq.gptq_format import load_dequantized_gptq_state_dict
-    from fabricq.inspect import load_checkpoint
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
+    from fabricq.checkpoint.load import load_dequantized_gptq_state_dict
+    from fabricq.checkpoint.load import load_checkpoint
 
     model = shared_path("models", "stories260k")  # intermediate 172: not whole GPTQ words, so mlp stays dense
     out = tmp_path / "out"

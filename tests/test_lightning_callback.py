@@ -56,7 +56,7 @@ class Recorder:
 
 def test_fit_end_quantizes_to_the_cli_checkpoint(cli_w4_reference, stories260k_path, tmp_path):
     from fabricq.callbacks import GPTQ
-    from fabricq.export import load_dequantized_state_dict
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
 
     windows, expected = cli_w4_reference
     module = CausalLM(stories260k_path)
@@ -158,7 +158,7 @@ if callback.result.ranks.global_rank == 1:
 def test_two_ddp_processes_quantize_to_the_cli_checkpoint(cli_w4_reference, stories260k_path, tmp_path):
     """Trainer(strategy="ddp", devices=2): the DistributedSampler gives each rank every other
     window; each calibrates its own, the Hessians are reduced over the Trainer's process group."""
-    from fabricq.export import load_dequantized_state_dict
+    from fabricq.checkpoint.compressed_tensors import load_dequantized_state_dict
 
     windows, expected = cli_w4_reference
     (tmp_path / "ddp.py").write_text(textwrap.dedent(DDP_SCRIPT % (API_OVERRIDES,)))

@@ -1,4 +1,4 @@
-"""What fabricq.export writes, checked where test_export.py left mutants alive (see
+"""What fabricq.checkpoint.compressed_tensors writes, checked where test_export.py left mutants alive (see
 benchmarks/results/2026-11-28-mutation-testing.md): the export dtype of the unquantized tensors and its check
 on the scales, config.json's bytes, the group order and act-order of the quantization config,
 targets of nested numbered modules, the shape checks, and the reader's class-name targets."""
@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from test_export import Case, make_model, quantize_model
 
-from fabricq.export import (
+from fabricq.checkpoint.compressed_tensors import (
     _targets_for,
-    _validate,
-    _weights_for,
     build_quantization_config,
     save_compressed_checkpoint,
+    weights_for,
 )
+from fabricq.checkpoint.model import validate
 from fabricq.quant.gptq import QuantizedWeight, rtn_quantize
 from fabricq.quant.grid import QuantScheme
 
@@ -45,7 +45,7 @@ def test_scales_not_representable_in_the_export_dtype_are_refused(tmp_path):
     with pytest.raises(ValueError, match="scales are not representable in torch.bfloat16"):
         save_compressed_checkpoint(model, quantized, tmp_path / "out", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="scales are not representable in torch.bfloat16"):
-        _validate(model, dict(model.named_modules()), quantized, scale_dtype=torch.bfloat16)
+        validate(model, dict(model.named_modules()), quantized, scale_dtype=torch.bfloat16)
     assert not (tmp_path / "out").exists()
 
 
@@ -106,24 +106,24 @@ def test_a_wrong_zero_point_shape_alone_is_refused():
     name, qw = next(iter(quantized.items()))
     bad = QuantizedWeight(qw.codes, qw.scale, qw.zero[:, :1], qw.g_idx, qw.scheme, qw.info)
     with pytest.raises(ValueError, match=f"{name}: scale/zero must be"):
-        _validate(model, dict(model.named_modules()), {name: bad})
+        validate(model, dict(model.named_modules()), {name: bad})
 
 
 def test_the_reader_accepts_one_class_name_target_only():
     weights = {"num_bits": 4}
-    assert _weights_for("model.layers.0.mlp.up_proj", {"g": {"targets": ["Linear"], "weights": weights}}) is weights
+    assert weights_for("model.layers.0.mlp.up_proj", {"g": {"targets": ["Linear"], "weights": weights}}) is weights
     two = {"a": {"targets": ["Linear"], "weights": weights}, "b": {"targets": ["Embedding"], "weights": {}}}
     with pytest.raises(ValueError, match="no config group of the checkpoint targets 'x'"):
-        _weights_for("x", two)
+        weights_for("x", two)
 
 
-# -- the GPTQ format (fabricq.gptq_format) ---------------------------------------------------------
+# -- the GPTQ format (fabricq.checkpoint.gptq) -----------------------------------------------------
 
 
 def test_gptq_dynamic_entries_name_a_layer_suffix_or_one_exact_module():
     from types import SimpleNamespace
 
-    from fabricq.gptq_format import build_gptq_config
+    from fabricq.checkpoint.gptq import build_gptq_config
 
     w4, w8 = QuantScheme(4, 32, True, "static"), QuantScheme(8, 32, True, "static")
     names = [f"model.layers.{i}.mlp.{p}" for i in range(3) for p in ("up_proj", "gate_proj", "down_proj")]
@@ -137,7 +137,7 @@ def test_gptq_dynamic_entries_name_a_layer_suffix_or_one_exact_module():
 
 
 def test_gptq_checkpoint_config_files(tmp_path):
-    from fabricq.gptq_format import save_gptq_checkpoint
+    from fabricq.checkpoint.gptq import save_gptq_checkpoint
 
     model = make_model(torch.float32, tie=False)
     quantized = {name: rtn_quantize(m.weight.data, QuantScheme(4, 32, True, "static"), scale_dtype=torch.float16)

@@ -242,11 +242,11 @@ def test_merge_writes_a_requantized_model_on_the_same_grid(run_copy):
 
 
 def read_run_quantized(folder: Path) -> dict:
-    from fabricq.export import _read_tensors
+    from fabricq.checkpoint.files import read_safetensors
     from fabricq.recovery.base import _packed_module
 
     config = json.loads((folder / "config.json").read_text())
-    tensors = _read_tensors(folder)
+    tensors = read_safetensors(folder)
     groups = config["quantization_config"]["config_groups"]
     names = [n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed")]
     return {n: _packed_module(n, tensors, groups) for n in names}

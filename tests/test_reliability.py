@@ -199,14 +199,14 @@ def test_a_failure_before_calibration_leaves_nothing(model, tmp_path):
 
 
 def test_a_full_disk_during_export_says_rerun_and_the_rerun_resumes(model, tmp_path, monkeypatch):
-    import fabricq.export
+    import fabricq.checkpoint.files
 
     out = tmp_path / "out"
 
     def full_disk(*args, **kwargs):
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(fabricq.export, "save_file", full_disk)
+    monkeypatch.setattr(fabricq.checkpoint.files, "save_file", full_disk)
     with pytest.raises(FabricqError, match="no space left on device: free space and rerun: the run resumes"):
         run_app(*ARGS, f"model.path={model}", f"output_dir={out}")
     assert not out.exists()

@@ -47,7 +47,7 @@ class GPTQSettings:
     # calibrate every module of a layer on the unquantized layer, then forward it again.
     true_sequential: bool = False
     # Scales are rounded to this dtype while solving, so the export stores them exactly (the
-    # export's scale dtype, fabricq.serving.scale_dtype_for); None: each weight's own dtype.
+    # export's scale dtype, fabricq.checkpoint.engines.scale_dtype_for); None: each weight's own dtype.
     scale_dtype: torch.dtype | None = None
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import torch
 
+from fabricq.checkpoint.compressed_tensors import PACK_FORMAT, QUANT_METHOD
+from fabricq.checkpoint.compressed_tensors import weights_for as _weights_for
+from fabricq.checkpoint.files import CONFIG_NAME
+from fabricq.checkpoint.files import read_safetensors as _read_tensors
 from fabricq.errors import FabricqError
-from fabricq.export import CONFIG_NAME, PACK_FORMAT, QUANT_METHOD, _read_tensors, _weights_for
 from fabricq.quant.gptq import PackedQuantizedWeight
 from fabricq.quant.grid import QuantScheme
 from fabricq.quant.packing import packed_width, unpack_int32
