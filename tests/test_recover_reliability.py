@@ -359,7 +359,7 @@ def test_unwritable_output_is_one_line(run_dir, where):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Hostile inputs that were BAD (benchmarks/results/hostile-recover-2026-12-08.md)
+# 5. Hostile inputs that were BAD (benchmarks/results/2026-12-08-hostile-recover.md)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -96,7 +96,7 @@ def restore_linear(model: nn.Module, modules: dict, dtype: torch.dtype) -> None:
 
 
 def write_merged(model: nn.Module, merged: dict, folder: Path, tokenizer, export) -> list[str]:
-    """The run's own writer (`fabricq.serving.save_checkpoints`) into `folder`."""
+    """The run's own writer (`fabricq.checkpoint.save.save_checkpoints`) into `folder`."""
     from fabricq.checkpoint.save import save_checkpoints
 
     return save_checkpoints(model, merged, folder, tokenizer, export)
