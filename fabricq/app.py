@@ -119,6 +119,10 @@ def load(cfg: DictConfig, output_dir: Path, config: Settings) -> Job:
         raise FabricqError(f"eval.seq_len={config.eval.seq_len} exceeds the model's context length {max_positions}")
     if max_positions and config.data.seq_len > max_positions:
         raise FabricqError(f"data.seq_len={config.data.seq_len} exceeds the model's context length {max_positions}")
+    if config.recovery is not None and model_config:  # before any weight is read (the default GGUF model: after)
+        from fabricq.checkpoint.load import meta_model
+
+        core.check_recovery_against(meta_model(model_config), config, settings)
 
     # Ranks: Fabric launches them (or torchrun/SLURM did); they agree on config and output_dir.
     fabric, output_dir = runtime.launch(config, output_dir)

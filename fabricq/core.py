@@ -59,6 +59,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_recovery_against(model: nn.Module, config: Settings, settings: GPTQSettings,
+                           targets: list[str] | None = None) -> None:
+    """+recovery=…: its settings (rank, target modules, …) against the modules this run will
+    quantize. Only the modules' shapes are read, so a model on the meta device built from
+    config.json is enough: the run checks this before it loads any weight."""
+    if getattr(config, "recovery", None) is None:
+        return
+    from fabricq.recovery.lora import check_recovery_plan
+
+    if targets is None:
+        layers = decoder_layers(model)
+        prefix = layer_prefix(model, layers)
+        targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
+    check_recovery_plan(config.recovery, model, targets, settings.ignore)
+
+
 def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tuple[list[str], torch.dtype]:
     """The Linear modules to quantize and the export dtype, after every check that needs the model
     (finite weights, quant.ignore, what the export formats can hold); sets `settings.scale_dtype`."""
@@ -75,10 +91,7 @@ def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tu
     targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
     check_finite_weights(model, targets)
     check_something_quantized(targets, settings.ignore)
-    if getattr(config, "recovery", None) is not None:  # +recovery=…: its settings against these modules, now
-        from fabricq.recovery.lora import check_recovery_plan
-
-        check_recovery_plan(config.recovery, model, targets, settings.ignore)
+    check_recovery_against(model, config, settings, targets)
     modules = dict(model.named_modules())
     shapes = {name: (modules[name].out_features, modules[name].in_features) for name in targets}
     for verdict in preflight(config.export, settings.scheme, shapes, model.dtype, settings.ignore):

@@ -274,6 +274,7 @@ def test_main_command_refuses_a_bad_recovery_rank_before_quantizing(tmp_path):
     assert "recovery.rank=33 is larger than" in line and "width 32" in line, line
     assert result.stderr.count("recovery.rank=33") == 1
     assert "Perplexity before" not in result.stderr + result.stdout  # refused before the first forward pass
+    assert "Loading weights" not in result.stderr  # and before the model's weights were read
     assert not out.exists() and not (tmp_path / ".w4.work").exists()
 
 
