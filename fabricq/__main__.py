@@ -47,11 +47,11 @@ def _task(cfg: DictConfig) -> None:
     except FabricqError as err:
         if debugging():  # main() lets it through with its traceback
             raise
-        fail(f"{rank_label()}{err}")
+        fail(f"{launched_rank_label()}{err}")
     except Exception as err:
         _task_errors.append(err)  # not Hydra's: main() lets it through with its traceback
-        if rank_label():  # several ranks: say which one failed (the others stop at their next collective)
-            print(f"fabricq: error: {rank_label()}failed: {type(err).__name__}: {err}", file=sys.stderr)
+        if launched_rank_label():  # several ranks: say which one failed (the others stop at their next collective)
+            print(f"fabricq: error: {launched_rank_label()}failed: {type(err).__name__}: {err}", file=sys.stderr)
         raise
     finally:
         # Hydra creates its run directory (outputs/<time>) up front; drop it and the parents it
@@ -68,7 +68,7 @@ def _task(cfg: DictConfig) -> None:
                 break
 
 
-def rank_label() -> str:
+def launched_rank_label() -> str:
     """'rank R/W: ' once ranks exist (fabricq.runtime is imported by then); a config error comes
     before that, and importing torch only to say so would delay every such error."""
     if "fabricq.runtime" not in sys.modules:

@@ -28,10 +28,10 @@ from fabricq.core import (
     agree,
     calibrate_and_quantize,
     gptq_settings,
-    peak_rss_mib,
     plan_model,
 )
 from fabricq.errors import FabricqError
+from fabricq.sysmem import peak_rss_mib
 from fabricq.models import decoder_layers
 from fabricq.resume import data_identity
 

@@ -22,7 +22,7 @@ from fabricq.calibration.cache import ActivationCache, cache_from_config
 from fabricq.callbacks.gptq import GPTQCallback, GPTQSettings
 from fabricq.callbacks.release import ReleaseFinishedWeights
 from fabricq.config import Settings, load_settings
-from fabricq.core import HESSIAN_DTYPES, gptq_settings, peak_rss_mib  # noqa: F401  (also fabricq.app's names)
+from fabricq.core import gptq_settings
 from fabricq.data import TextData, prepare_text
 from fabricq.errors import FabricqError
 from fabricq.evaluate import evaluate_sharded
@@ -46,7 +46,7 @@ from fabricq.resume import (
     model_identity,
     work_dir_for,
 )
-from fabricq.sysmem import drop_mapped_pages, return_large_blocks_to_os
+from fabricq.sysmem import drop_mapped_pages, peak_rss_mib, return_large_blocks_to_os
 
 log = logging.getLogger("fabricq")
 

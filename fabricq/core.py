@@ -7,7 +7,6 @@ through torch.distributed's default process group)."""
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from fabricq.quant.grid import QuantScheme
 
 log = logging.getLogger("fabricq")
 
-HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HESSIAN_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # config.HESSIAN_DTYPES
 
 
 def gptq_settings(config: Settings) -> GPTQSettings:
@@ -48,15 +47,11 @@ def gptq_settings(config: Settings) -> GPTQSettings:
         scheme=QuantScheme(q.bits, q.group_size, q.symmetric, q.actorder),
         damp=float(q.damp),
         block_size=q.block_size,
-        hessian_dtype=HESSIAN_DTYPES[q.hessian_dtype],
+        hessian_dtype=HESSIAN_TORCH_DTYPES[q.hessian_dtype],
         ignore=q.ignore,
         solve_threads=config.pipeline.solve_threads,
         true_sequential=q.true_sequential,
     )
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_recovery_against(model: nn.Module, config: Settings, settings: GPTQSettings,

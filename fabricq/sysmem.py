@@ -26,7 +26,9 @@ import gc
 import importlib
 import logging
 import os
+import resource
 import sys
+from pathlib import Path
 
 
 def release_freed_memory(collect_cycles: bool = False) -> None:
@@ -296,3 +298,25 @@ def import_without(module: str, optional: tuple[str, ...]):
         return importlib.import_module(module)
     finally:
         restore()
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark since the last `reset_peak_rss` (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark (Linux: `5` into clear_refs), so each phase's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the lifetime peak is reported
+        pass

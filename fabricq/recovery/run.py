@@ -67,37 +67,18 @@ from fabricq.recovery.work import (
     identity_digest,
     prepare_work,
     recovery_identity,
-    work_dir_for,
+    recovery_work_dir,
 )
 from fabricq.resume import model_identity
 from fabricq.sysmem import (
     drop_mapped_pages,
+    peak_rss_mib,
     release_freed_memory,
+    reset_peak_rss,
     return_large_blocks_to_os,
 )
 
 log = logging.getLogger("fabricq")
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-memory high-water mark since the last `reset_peak_rss` (VmHWM)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark (Linux: `5` into clear_refs), so each phase's peak is its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux: the lifetime peak is reported
-        pass
 
 
 class PhasePeaks:
@@ -313,7 +294,7 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
     windows = recovery_text(tokenizer, cfg, s, s.train.steps * glob) if s.train.steps else None
     release_freed_memory()  # the tokenizer's buffers of whole-corpus encodings
     # The work folder is resumed from only for the same base, teacher, text and settings.
-    work = work_dir_for(run_dir)
+    work = recovery_work_dir(run_dir)
     identity = recovery_identity(run_dir, source, windows, s, targets, world, str(cfg.model.dtype))
     discard = check_work(work, identity, settings.resume)
     fabric.barrier()  # every rank has looked before rank 0 changes it

@@ -39,7 +39,7 @@ IGNORED_TRAIN = ("checkpoint_every", "log_every")
 IGNORED_PLAN = ("data_path", "merge")  # the text is identified by its windows; a merge follows training
 
 
-def work_dir_for(run_dir: Path) -> Path:
+def recovery_work_dir(run_dir: Path) -> Path:
     return run_dir.parent / f".{run_dir.name}.recovery"
 
 
