@@ -104,11 +104,12 @@ def data_identity(calibration: torch.Tensor) -> str:
     return _sha256(calibration.to(torch.int64).contiguous().numpy().tobytes())
 
 
-def _differences(old, new, prefix="") -> list[str]:
+def identity_differences(old, new, prefix="") -> list[str]:
+    """'field: old → new' for every leaf where two identities differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += identity_differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} → {new!r}"]
 
@@ -204,8 +205,8 @@ class WorkDirectory:
             except FabricqError:
                 self.close()  # refused: the lock is not this run's to keep
                 raise
-            if old.get("identity_sha256") != _identity_hash(identity):
-                diff = _differences(old.get("identity", {}), identity)
+            if old.get("identity_sha256") != identity_hash(identity):
+                diff = identity_differences(old.get("identity", {}), identity)
                 what = ("a different model" if any(d.startswith("model.") for d in diff) else
                         "different calibration data" if any(d.startswith("data_sha256") for d in diff) else
                         "a different config")
@@ -232,7 +233,7 @@ class WorkDirectory:
             (self.path / sub).mkdir(exist_ok=True)
         run_file = self.path / "run.json"
         if self.rank == 0 and not run_file.is_file():
-            _write_json(run_file, {"format": FORMAT, "identity_sha256": _identity_hash(self._identity),
+            _write_json(run_file, {"format": FORMAT, "identity_sha256": identity_hash(self._identity),
                                    "identity": self._identity})
 
     def _lock(self) -> None:
@@ -340,7 +341,7 @@ class WorkDirectory:
         return stage
 
 
-def _identity_hash(identity: dict) -> str:
+def identity_hash(identity: dict) -> str:
     return _sha256(json.dumps(identity, sort_keys=True).encode())
 
 

@@ -100,7 +100,7 @@ def test_recover_writes_peft_adapter_and_report(run_copy, quantized_run):
 def test_base_is_evaluated_again_unless_the_run_measured_these_windows(tmp_path):
     from types import SimpleNamespace
 
-    from fabricq.recovery.run import _run_base_result
+    from fabricq.recovery.evaluation import run_base_result as _run_base_result
 
     cache = SimpleNamespace(path=tmp_path / "eval" / "abc")
     report = {"ppl_after": 13.1, "kl_after": 0.12, "eval": {"cache_dir": "/elsewhere/eval/abc"}}
@@ -186,7 +186,7 @@ def test_peft_loads_adapter_onto_export_with_fabricqs_logits(quantized_run, tmp_
     # computes the same logits.
     import gc
 
-    from fabricq.recovery.run import _for_evaluation
+    from fabricq.recovery.evaluation import for_evaluation as _for_evaluation
 
     del run, lora, model, original  # the student's packed codes map the checkpoint too
     gc.collect()

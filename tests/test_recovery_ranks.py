@@ -94,7 +94,7 @@ PLANS = {"by_cost": eora.plan_owners, "groups_split": _alternating_owners}
 def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
-    from fabricq.recovery.run import _reducer
+    from fabricq.recovery.evaluation import rank_reducer as _reducer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -15,17 +15,15 @@ output and is removed when the recovery has finished. The report gives each phas
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import logging
 import math
-import mmap
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from fabricq import runtime
@@ -34,7 +32,6 @@ from fabricq.data import prepare_text
 from fabricq.errors import FabricqError
 from fabricq.eval_cache import reference_cache
 from fabricq.evaluate import (
-    evaluate,
     evaluate_sharded,
     reference_from_tensors,
     reference_tensors,
@@ -46,10 +43,17 @@ from fabricq.models import (
     load_tokenizer,
     resolve_model_source,
 )
-from fabricq.parallel.plan import shard_batches
 from fabricq.recovery import eora
 from fabricq.recovery import teacher as teacher_mod
 from fabricq.output import launch_rank
+from fabricq.recovery.evaluation import (
+    for_evaluation,
+    gap_closed,
+    original_reference,
+    rank_reducer,
+    run_base_result,
+)
+from fabricq.recovery.text import recovery_text
 from fabricq.recovery.adapter import ADAPTER_DIR, load_with_adapter, save_peft_adapter
 from fabricq.recovery.base import check_run_dir, load_exported_tensors, read_run
 from fabricq.recovery.lora import attach_lora, check_rank, select_targets
@@ -64,12 +68,11 @@ from fabricq.recovery.settings import RecoveryPlan, recovery_plan
 from fabricq.recovery.train import CheckpointStore, local_window_order, train
 from fabricq.recovery.work import (
     check_work,
-    identity_digest,
     prepare_work,
     recovery_identity,
     recovery_work_dir,
 )
-from fabricq.resume import model_identity
+from fabricq.resume import identity_hash, model_identity
 from fabricq.sysmem import (
     drop_mapped_pages,
     peak_rss_mib,
@@ -93,114 +96,6 @@ class PhasePeaks:
         self.peaks[name] = max(self.peaks.get(name, 0.0), peak_rss_mib())
         log.debug("Recovery phase %s: peak RSS %.0f MiB", name, self.peaks[name])
         reset_peak_rss()
-
-
-def recovery_text(tokenizer, cfg: DictConfig, s: RecoveryPlan, windows_needed: int) -> torch.Tensor:
-    """`windows_needed` windows of recovery.seq_len tokens from recovery.data.path, or else from the
-    run's calibration source with the run's held-out split (so never the evaluation text)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    ev = OmegaConf.to_container(cfg.eval, resolve=True)
-    path = s.data_path
-    if path is not None and cfg.eval.path is not None and Path(path).resolve() == Path(cfg.eval.path).resolve():
-        raise FabricqError(f"recovery.data.path is the evaluation text ({cfg.eval.path}): recover on other text")
-    if path is not None and data.get("path") is not None and Path(path).resolve() == Path(data["path"]).resolve():
-        path = None  # the calibration source itself: keep its held-out split
-    held_out = path is None and ev["enabled"] and ev["path"] is None
-    data.update(num_samples=windows_needed, seq_len=s.seq_len, **({"path": path} if path is not None else {}))
-    ev["enabled"] = held_out
-    if path is not None:  # a text of its own: all of it is recovery text (no documents held out for evaluation)
-        ev["path"] = path
-    try:
-        return prepare_text(tokenizer, OmegaConf.create(data), OmegaConf.create(ev)).calibration
-    except FabricqError as err:
-        if not str(err).startswith("calibration text is too short"):  # unreadable or unusable text
-            where = f"recovery.data.path={path}" if path is not None else f"data.path={data.get('path')}"
-            raise FabricqError(f"recovery text ({where}): {err}") from None
-        per_step = windows_needed // max(1, s.train.steps)
-        source = "recovery.data.path" if path is not None else "data.path (its calibration part)"
-        raise FabricqError(f"recovery text is too short: recovery.steps={s.train.steps} × {per_step} windows per step "
-                           f"need {windows_needed} windows of recovery.seq_len={s.seq_len} from {source}; "
-                           f"{err}") from None
-
-
-def _reducer(fabric):
-    if fabric.world_size == 1:
-        return None
-
-    def reduce(total: torch.Tensor, tokens: int, dst: int | None = None):
-        # With dst, summed on that rank only: None elsewhere (gloo leaves partial sums there).
-        total = total.to(fabric.device)
-        count = torch.tensor([float(tokens)], dtype=torch.float64, device=fabric.device)
-        for t in (total, count):
-            if dst is None:
-                torch.distributed.all_reduce(t)
-            else:
-                torch.distributed.reduce(t, dst)
-        if dst is not None and fabric.global_rank != dst:
-            return None
-        return total.cpu(), int(count.item())
-
-    return reduce
-
-
-def _reference(fabric, model, text, ev, report: dict, cache) -> tuple[dict, list]:
-    """The original model's perplexity on the evaluation windows and its top-k reference on the
-    first eval.kl_windows of them (this rank's share). The run measured the perplexity on the very
-    same windows when its report says they were made the same way; then only the KL windows are
-    needed, and `cache` (the run's evaluation cache entry) usually holds them: the original model
-    runs only on the windows it lacks. `ev`: the checked eval settings."""
-    stride, top_k = ev.stride, ev.kl_top_k
-    convention = report.get("eval_convention") or {}
-    same = text.eval_convention and all(convention.get(k) == v for k, v in text.eval_convention.items())
-    if report.get("ppl_before") is None or not same:
-        before = evaluate_sharded(fabric, model, text.evaluation, fabric.device, keep=ev.kl_windows,
-                                  desc="Perplexity before", stride=stride, top_k=top_k, cache=cache)
-        return before, before.pop("logprobs")
-    shard = shard_batches(len(text.evaluation), fabric.world_size)[fabric.global_rank]
-    stop = min(shard.stop, ev.kl_windows)
-    kept, cached = [], 0
-    if stop > shard.start:
-        result = evaluate(model, text.evaluation[shard.start : stop], fabric.device, keep=stop - shard.start,
-                          stride=stride, first_index=shard.start, top_k=top_k, cache=cache)
-        kept, cached = result["logprobs"], result["cached_windows"]
-    return {"ppl": report["ppl_before"], "cached_windows": cached}, kept
-
-
-def _run_base_result(report: dict, cache) -> dict | None:
-    """The run's own ppl_after/kl_after when it evaluated these very windows against the same
-    reference (the same evaluation-cache entry: model, windows, stride, KL settings, dtype) — it
-    measured them on exactly the weights the checkpoint holds, so the base need not be evaluated
-    again. None otherwise (another evaluation setting, or no cache to prove the windows equal)."""
-    run_eval = report.get("eval") or {}
-    if cache is None or report.get("ppl_after") is None or report.get("kl_after") is None or not run_eval.get("cache_dir"):
-        return None
-    if Path(run_eval["cache_dir"]).name != cache.path.name:  # the entry's name is its key's digest
-        return None
-    return {"ppl": report["ppl_after"], "kl": report["kl_after"]}
-
-
-def _for_evaluation(served, device):
-    """A model loaded from a compressed checkpoint, on `device`: transformers keeps the packed
-    tensors, memory-mapped from the checkpoint, beside their decompressed copies, and the
-    evaluation reads only the copies, so their pages leave resident memory (clean file pages:
-    re-read if anything touches them). Tensors smaller than a page (compressed-tensors'
-    `weight_shape`, two integers per module) cannot give up a page, yet as views into the mapping
-    they keep all of it, and every page the loading read (the whole checkpoint), resident: they
-    are copied out, and the mapping goes with its last view."""
-    tensors = list(itertools.chain(served.parameters(), served.buffers()))
-    drop_mapped_pages(tensors, keep_written=True)
-    with torch.no_grad():
-        for tensor in tensors:
-            if tensor.numel() * tensor.element_size() < mmap.PAGESIZE:
-                tensor.data = tensor.data.clone()
-    del tensors
-    return served.to(device)
-
-
-def _gap(before, after, recovered):
-    if None in (before, after, recovered) or after == before:
-        return None
-    return (after - recovered) / (after - before)
 
 
 def build_student(model, run, targets: list[str], s: RecoveryPlan) -> dict:
@@ -330,9 +225,9 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
     if cfg.eval.enabled:
         tick = time.perf_counter()
         cache = reference_cache(settings.eval, model_identity(source), text.evaluation, model.dtype, device)
-        base = _run_base_result(run.report, cache)
+        base = run_base_result(run.report, cache)
         model.to(device)
-        before, reference = _reference(fabric, model, text, settings.eval, run.report, cache)
+        before, reference = original_reference(fabric, model, text, settings.eval, run.report, cache)
         # Full-vocabulary log-probs (hundreds of MiB): on disk until the evaluation at the end.
         save_file(reference_tensors(reference), reference_file)
         del reference
@@ -354,7 +249,7 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
         calib = text.calibration[: s.eora_samples].tensor_split(world)[rank]
         model.to(device)
         eora_stats = eora.initialize(model, lora, original, calib, batch_size=cfg.data.batch_size, device=device,
-                                     damp=s.damp, reduce=_reducer(fabric),
+                                     damp=s.damp, reduce=rank_reducer(fabric),
                                      release=drop_mapped_pages, rank=rank, world_size=world)
     del original, modules
     gc.collect()
@@ -365,7 +260,7 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
     if s.train.steps:
         model.train()
         result = train(fabric, model, lora, local, targets_kl, settings=s.train,
-                       store=CheckpointStore(work / "checkpoints"), identity=identity_digest(identity),
+                       store=CheckpointStore(work / "checkpoints"), identity=identity_hash(identity),
                        alpha=s.alpha)
         model.eval()
         timings["train_s"] = result.wall_s
@@ -390,7 +285,7 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
         tick = time.perf_counter()
         model.to(device)
         merged = merge_adapters(model, lora, run.quantized, text.calibration[: s.eora_samples].tensor_split(world)[rank],
-                                batch_size=cfg.data.batch_size, device=device, damp=s.damp, reduce=_reducer(fabric))
+                                batch_size=cfg.data.batch_size, device=device, damp=s.damp, reduce=rank_reducer(fabric))
         model.to("cpu")
         restore_linear(model, lora, model.dtype)
         model.to(device)
@@ -430,7 +325,7 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
         # turns out non-finite is never published.
         tick = time.perf_counter()
         reference = reference_from_tensors(load_file(reference_file))
-        served = _for_evaluation(load_with_adapter(run_dir, staged[ADAPTER_DIR], dtype=compute_dtype), device)
+        served = for_evaluation(load_with_adapter(run_dir, staged[ADAPTER_DIR], dtype=compute_dtype), device)
         stride = settings.eval.stride
         recovered = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                      desc="Perplexity after recovery", stride=stride)
@@ -444,21 +339,21 @@ def _recover(run_dir: Path, cfg: DictConfig, settings, s: RecoveryPlan, claim: R
         if s.merge:
             from fabricq.recovery.adapter import load_served
 
-            served = _for_evaluation(load_served(staged[MERGED_DIR], dtype=compute_dtype), device)
+            served = for_evaluation(load_served(staged[MERGED_DIR], dtype=compute_dtype), device)
             after_merge = evaluate_sharded(fabric, served, text.evaluation, device, reference=reference,
                                            desc="Perplexity after merge", stride=stride)
             del served
             if _finite(base["ppl"]) and not _finite(after_merge["ppl"]):
                 raise _diverged(f"the merged model's perplexity is {after_merge['ppl']}", s)
             section.update(ppl_after_merge=after_merge["ppl"], kl_after_merge=after_merge["kl"],
-                           ppl_merge_gap_closed=_gap(before["ppl"], base["ppl"], after_merge["ppl"]),
-                           kl_merge_gap_closed=_gap(0.0, base["kl"], after_merge["kl"]))
+                           ppl_merge_gap_closed=gap_closed(before["ppl"], base["ppl"], after_merge["ppl"]),
+                           kl_merge_gap_closed=gap_closed(0.0, base["kl"], after_merge["kl"]))
         section.update(ppl_before=before["ppl"], ppl_after=base["ppl"], kl_after=base["kl"],
                        ppl_after_recovery=recovered["ppl"], kl_after_recovery=recovered["kl"],
                        kl_after_recovery_lower_bound=recovered["kl_lower_bound"],
                        reference_windows_cached=before.get("cached_windows", 0),
-                       ppl_gap_closed=_gap(before["ppl"], base["ppl"], recovered["ppl"]),
-                       kl_gap_closed=_gap(0.0, base["kl"], recovered["kl"]), eval_tokens=recovered["tokens"])
+                       ppl_gap_closed=gap_closed(before["ppl"], base["ppl"], recovered["ppl"]),
+                       kl_gap_closed=gap_closed(0.0, base["kl"], recovered["kl"]), eval_tokens=recovered["tokens"])
         timings["eval_s"] = eval_s + time.perf_counter() - tick
         peaks.end("evaluation")
         section["peak_rss_eval_mib"] = peaks.peaks["evaluation"]  # the evaluation after recovery

@@ -14,7 +14,6 @@ starts over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -25,7 +24,7 @@ import torch
 
 from fabricq.errors import FabricqError
 from fabricq.models import ModelSource
-from fabricq.resume import data_identity, model_identity
+from fabricq.resume import data_identity, identity_differences, model_identity
 
 log = logging.getLogger("fabricq")
 
@@ -61,10 +60,6 @@ def recovery_identity(run_dir: Path, teacher, windows: torch.Tensor | None, plan
     }
 
 
-def identity_digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
 def _read(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -79,22 +74,13 @@ def changed_parts(old: dict | None, new: dict) -> list[str]:
     return [part for part in new if old.get(part) != new[part]]
 
 
-def _settings_diff(old: dict, new: dict, prefix: str = "recovery.") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _settings_diff(a, b, prefix if key == "train" else f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} → {b!r}")
-    return out
-
-
 def describe(old: dict | None, new: dict) -> str:
     parts = changed_parts(old, new)
     words = [PARTS[p] for p in parts]
     if "settings" in parts and old is not None:
-        diff = _settings_diff(old.get("settings") or {}, new["settings"])
+        # recovery.train.lr is spelled recovery.lr on the command line
+        diff = [d.replace("recovery.train.", "recovery.", 1)
+                for d in identity_differences(old.get("settings") or {}, new["settings"], "recovery.")]
         if diff:
             words[parts.index("settings")] += f" ({'; '.join(diff[:3])})"
     return ", ".join(words)
