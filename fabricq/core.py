@@ -63,11 +63,15 @@ def check_recovery_against(model: nn.Module, config: Settings, settings: GPTQSet
         return
     from fabricq.recovery.lora import check_recovery_plan
 
-    if targets is None:
-        layers = decoder_layers(model)
-        prefix = layer_prefix(model, layers)
-        targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
-    check_recovery_plan(config.recovery, model, targets, settings.ignore)
+    check_recovery_plan(config.recovery, model, quantization_targets(model) if targets is None else targets,
+                        settings.ignore)
+
+
+def quantization_targets(model: nn.Module) -> list[str]:
+    """The decoder layers' Linear modules, by name, in layer order."""
+    layers = decoder_layers(model)
+    prefix = layer_prefix(model, layers)
+    return [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
 
 
 def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tuple[list[str], torch.dtype]:
@@ -81,9 +85,7 @@ def plan_model(model: nn.Module, config: Settings, settings: GPTQSettings) -> tu
     )
 
     check_export_config(config.export, config.quant)
-    layers = decoder_layers(model)
-    prefix = layer_prefix(model, layers)
-    targets = [name for i, layer in enumerate(layers) for name in linear_modules(layer, f"{prefix}.{i}")]
+    targets = quantization_targets(model)
     check_finite_weights(model, targets)
     check_something_quantized(targets, settings.ignore)
     check_recovery_against(model, config, settings, targets)
