@@ -301,6 +301,11 @@ def test_teacher_storage_round_trip(tmp_path):
     assert teacher.teacher_matches(back, windows, 4, 1.5)
     assert not teacher.teacher_matches(back, windows + 1, 4, 1.5)
     assert not teacher.teacher_matches(back, windows, 5, 1.5) and not teacher.teacher_matches(back, windows, 4, 1.0)
+    # A flipped byte inside the tensors (header intact) no longer matches the stored sha256.
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert teacher.load_teacher(path) is None
     path.write_bytes(b"torn")
     assert teacher.load_teacher(path) is None
 

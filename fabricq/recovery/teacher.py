@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from fabricq.checksums import tensors_sha256
 from fabricq.errors import FabricqError
 
 FORMAT = 1
@@ -125,20 +126,12 @@ def compute_teacher(model, windows: torch.Tensor, *, k: int, temperature: float,
     return TeacherTargets(indices, logprobs, rest, float(temperature), windows_digest(windows))
 
 
-def _content_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    sha = hashlib.sha256()
-    for name in sorted(tensors):
-        sha.update(name.encode())
-        sha.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
-
-
 def save_teacher(targets: TeacherTargets, path: Path) -> None:
     path = Path(path)
     tensors = {"indices": targets.indices.contiguous(), "logprobs": targets.logprobs.contiguous(),
                "rest": targets.rest.contiguous()}
     meta = {"format": str(FORMAT), "temperature": repr(targets.temperature), "digest": targets.digest,
-            "sha256": _content_sha256(tensors)}
+            "sha256": tensors_sha256(tensors)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata=meta)
     tmp.replace(path)
@@ -157,7 +150,7 @@ def load_teacher(path: Path) -> TeacherTargets | None:
         tensors = load_file(path)
     except Exception:  # noqa: BLE001 - a torn or foreign file: recompute rather than fail
         return None
-    if meta.get("format") != str(FORMAT) or meta.get("sha256") != _content_sha256(tensors):
+    if meta.get("format") != str(FORMAT) or meta.get("sha256") != tensors_sha256(tensors):
         if meta.get("sha256"):
             log.warning("Recomputing the teacher's targets: %s is damaged (its content no longer matches its sha256)",
                         path)
